@@ -1,0 +1,307 @@
+"""The ACE-Step 1.5 family behind the model-family interface.
+
+Data flow: audio -> ``encode_audio`` (latent mean/std) and records -> ``encode_text`` /
+``tokenize_lyrics`` at prep time; ``condition`` and ``training_loss`` in the training loop;
+``generate`` for validation and ``acedist generate``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from ...flow import cfg_dropout_mask, masked_mse_per_sample, noise_latents
+from ...records import Record
+from . import prompts
+from .loading import ALL_PARTS, AceStep15Components, load_components
+from .pipeline import AceStepRowPipeline, tokenize
+from .variants import VariantSpec
+
+TEXT_MAX_TOKENS = 256
+LYRIC_MAX_TOKENS = 2048
+TIMBRE_SECONDS = 30  # no reference audio: the first 30 s of the silence latent feed the timbre encoder
+
+LORA_PRESETS = {
+    # diffusers module names; upstream calls them q_proj k_proj v_proj o_proj
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+mlp": ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass
+class LatentStats:
+    """The VAE posterior of one clip: ``[T, C]`` each. Training draws ``mean + std * eps`` every step."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+@dataclass
+class TrainingBatch:
+    """Padded tensors of B samples; the masks say which frames / tokens are real."""
+
+    latent_mean: torch.Tensor  # [B, T, C]
+    latent_std: torch.Tensor  # [B, T, C]
+    frame_mask: torch.Tensor  # [B, T] bool
+    text_states: torch.Tensor  # [B, Lt, D]
+    text_mask: torch.Tensor  # [B, Lt] bool
+    lyric_ids: torch.Tensor  # [B, Ll] int64
+    lyric_mask: torch.Tensor  # [B, Ll] bool
+
+    def to(self, device) -> "TrainingBatch":
+        return TrainingBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def _pad_stack(tensors: Sequence[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([t.shape[0] for t in tensors])
+    longest = int(lengths.max()) if len(tensors) else 0
+    out = tensors[0].new_full((len(tensors), longest, *tensors[0].shape[1:]), pad_value)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    mask = torch.arange(longest)[None, :] < lengths[:, None]
+    return out, mask
+
+
+class AceStep15:
+    """Loaded ACE-Step 1.5 components and the operations every stage needs."""
+
+    name = "ace-step-1.5"
+
+    def __init__(self, components: AceStep15Components):
+        self.components = components
+
+    @classmethod
+    def load(
+        cls,
+        path_or_id: str | os.PathLike,
+        parts: Iterable[str] = ALL_PARTS,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> "AceStep15":
+        return cls(load_components(path_or_id, parts, dtype=dtype, device=device))
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def variant(self) -> VariantSpec:
+        return self.components.variant
+
+    @property
+    def sample_rate(self) -> int:
+        vae = self.components.vae
+        return int(vae.config.sampling_rate) if vae is not None else 48000
+
+    @property
+    def hop_length(self) -> int:
+        vae = self.components.vae
+        return int(math.prod(vae.config.downsampling_ratios)) if vae is not None else 1920
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.components.transformer_config["audio_acoustic_hidden_dim"])
+
+    def _require(self, *names: str):
+        missing = [n for n in names if getattr(self.components, n) is None]
+        if missing:
+            raise RuntimeError(f"this ACE-Step model was loaded without {', '.join(missing)}")
+        return [getattr(self.components, n) for n in names]
+
+    # ------------------------------------------------------------- prep time
+    @torch.no_grad()
+    def encode_audio(self, wave: torch.Tensor) -> LatentStats:
+        """``wave [2, n]`` at ``sample_rate`` -> latent mean and std ``[n // hop, C]``."""
+        (vae,) = self._require("vae")
+        if wave.dim() != 2 or wave.shape[0] != vae.config.audio_channels:
+            raise ValueError(f"expected a [{vae.config.audio_channels}, n] waveform, got {list(wave.shape)}")
+        param = next(vae.parameters())
+        posterior = vae.encode(wave[None].to(param.device, param.dtype)).latent_dist
+        frames = wave.shape[1] // self.hop_length
+        mean = posterior.mean[0].transpose(0, 1)[:frames]
+        std = posterior.std[0].transpose(0, 1)[:frames]
+        return LatentStats(mean=mean.float().cpu(), std=std.float().cpu())
+
+    @torch.no_grad()
+    def encode_text(self, records: Sequence[Record], max_tokens: int = TEXT_MAX_TOKENS) -> list[torch.Tensor]:
+        """Per-record Qwen3 ``last_hidden_state`` of its own prompt, without padding: ``[L_i, D]``.
+
+        Rows are batched with right padding and no attention mask, exactly as inference runs the
+        encoder; causal attention makes each row's real tokens independent of the padding."""
+        text_encoder, tokenizer = self._require("text_encoder", "tokenizer")
+        device = next(text_encoder.parameters()).device
+        ids, mask = tokenize(tokenizer, [prompts.text_prompt(r) for r in records], max_tokens, device)
+        states = text_encoder(input_ids=ids).last_hidden_state
+        return [states[i, : int(mask[i].sum())].float().cpu() for i in range(len(records))]
+
+    def tokenize_lyrics(self, records: Sequence[Record], max_tokens: int = LYRIC_MAX_TOKENS) -> list[torch.Tensor]:
+        """Per-record lyric token ids (int32, unpadded) of the lyric template."""
+        (tokenizer,) = self._require("tokenizer")
+        ids, mask = tokenize(tokenizer, [prompts.lyric_prompt(r) for r in records], max_tokens, "cpu")
+        return [ids[i, : int(mask[i].sum())].to(torch.int32) for i in range(len(records))]
+
+    # -------------------------------------------------------- training time
+    def collate(self, samples: Sequence[dict]) -> TrainingBatch:
+        """Pad per-sample tensors (``latent_mean``, ``latent_std``, ``text_states``, ``lyric_ids``)."""
+        mean, frame_mask = _pad_stack([s["latent_mean"].float() for s in samples])
+        std, _ = _pad_stack([s["latent_std"].float() for s in samples], pad_value=1.0)
+        text, text_mask = _pad_stack([s["text_states"].float() for s in samples])
+        pad_id = 0
+        if self.components.tokenizer is not None and self.components.tokenizer.pad_token_id is not None:
+            pad_id = self.components.tokenizer.pad_token_id
+        lyrics, lyric_mask = _pad_stack([s["lyric_ids"].long() for s in samples], pad_value=pad_id)
+        return TrainingBatch(mean, std, frame_mask, text, text_mask, lyrics, lyric_mask)
+
+    def lyric_embedding(self) -> torch.nn.Module:
+        """Qwen3's input embedding table: lyrics go through it only, never the transformer."""
+        (text_encoder,) = self._require("text_encoder")
+        return text_encoder.get_input_embeddings()
+
+    def silence_latents(self, frames: int, batch: int) -> torch.Tensor:
+        (condition_encoder,) = self._require("condition_encoder")
+        silence = condition_encoder.silence_latent
+        if silence.shape[1] < frames:
+            silence = silence.repeat(1, -(-frames // silence.shape[1]), 1)
+        return silence[:, :frames].expand(batch, -1, -1)
+
+    def condition(
+        self,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        lyric_ids: torch.Tensor,
+        lyric_mask: torch.Tensor,
+        lyric_embedding: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed cross-attention condition ``[B, L, H]`` and its mask (real tokens first per row)."""
+        (condition_encoder,) = self._require("condition_encoder")
+        embed = lyric_embedding if lyric_embedding is not None else self.lyric_embedding()
+        dtype = condition_encoder.text_projector.weight.dtype
+        batch = text_states.shape[0]
+        timbre = self.silence_latents(math.ceil(TIMBRE_SECONDS * self.frames_per_second), batch).to(dtype)
+        return condition_encoder(
+            text_hidden_states=text_states.to(dtype),
+            text_attention_mask=text_mask,
+            lyric_hidden_states=embed(lyric_ids).to(dtype),
+            lyric_attention_mask=lyric_mask,
+            refer_audio_acoustic_hidden_states_packed=timbre,
+            refer_audio_order_mask=torch.arange(batch, device=text_states.device),
+        )
+
+    def context_latents(self, frames: int, batch: int) -> torch.Tensor:
+        """text2music context: silence latents then an all-ones chunk mask, ``[B, T, 2C]``."""
+        silence = self.silence_latents(frames, batch)
+        return torch.cat([silence, torch.ones_like(silence)], dim=-1)
+
+    def training_loss(
+        self,
+        batch: TrainingBatch,
+        generators: Sequence[torch.Generator],
+        lyric_embedding: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Variant-aware flow-matching loss: ``(mean over samples, per-sample losses [B])``.
+
+        Each sample's draws (t, CFG dropout, posterior eps, noise) come from its own generator over
+        its own length, so a sample's loss does not depend on its batch mates.
+        """
+        transformer, condition_encoder = self._require("transformer", "condition_encoder")
+        device = batch.latent_mean.device
+        dtype = next(transformer.parameters()).dtype
+        B, T, C = batch.latent_mean.shape
+        lengths = batch.frame_mask.sum(dim=1).tolist()
+        sampler = self.variant.timestep_sampler
+        t = torch.empty(B)
+        dropped = torch.zeros(B, dtype=torch.bool)
+        eps = torch.zeros(B, T, C)
+        noise = torch.zeros(B, T, C)
+        for i, (generator, length) in enumerate(zip(generators, lengths, strict=True)):
+            t[i] = sampler.sample(1, generator)[0]
+            dropped[i] = cfg_dropout_mask(1, self.variant.cfg_dropout, generator)[0]
+            eps[i, :length] = torch.randn(length, C, generator=generator)
+            noise[i, :length] = torch.randn(length, C, generator=generator)
+        x0 = batch.latent_mean + batch.latent_std * eps.to(device)
+        x_t, target = noise_latents(x0, noise.to(device), t.to(device))
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and condition_encoder.training):
+            condition, _ = self.condition(batch.text_states, batch.text_mask, batch.lyric_ids, batch.lyric_mask, lyric_embedding)
+        if dropped.any():
+            null = condition_encoder.null_condition_emb.to(condition.dtype).expand_as(condition)
+            condition = torch.where(dropped.to(device)[:, None, None], null, condition)
+
+        t_in = t.to(device=device, dtype=dtype)
+        prediction = transformer(
+            hidden_states=x_t.to(dtype),
+            timestep=t_in,
+            timestep_r=t_in,  # r = t: plain flow matching, no mean-flow
+            encoder_hidden_states=condition.to(dtype),
+            context_latents=self.context_latents(T, B).to(device, dtype),
+            return_dict=False,
+        )[0]
+        per_sample = masked_mse_per_sample(prediction, target, batch.frame_mask)
+        return per_sample.mean(), per_sample
+
+    def lora_targets(self, preset: str = "attention") -> tuple[str, ...]:
+        if preset not in LORA_PRESETS:
+            raise ValueError(f"unknown LoRA preset {preset!r}; known: {', '.join(LORA_PRESETS)}")
+        return LORA_PRESETS[preset]
+
+    # --------------------------------------------------------------- sampling
+    def pipeline(self) -> AceStepRowPipeline:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        c = self.components
+        self._require("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer")
+        # ACE-Step passes its own shifted sigmas in [0, 1]; the scheduler must not shift them again.
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+        pipe = AceStepRowPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            transformer=c.transformer,
+            condition_encoder=c.condition_encoder,
+            scheduler=scheduler,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def generate(
+        self,
+        records: Record | Sequence[Record],
+        *,
+        duration: float,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        shift: float | None = None,
+        pipeline: AceStepRowPipeline | None = None,
+        **pipeline_kwargs,
+    ) -> torch.Tensor:
+        """text2music: ``[B, 2, n]`` float audio at ``sample_rate``, post-processed as diffusers does.
+
+        The initial noise is drawn as diffusers draws it from ``torch.Generator("cpu").manual_seed(seed)``.
+        Per-row captions, lyrics and metadata; one duration for the batch (one latent length)."""
+        rows = [records] if isinstance(records, Record) else list(records)
+        pipe = pipeline or self.pipeline()
+        spec = self.variant
+        output = pipe(
+            prompt=[r.caption for r in rows],
+            lyrics=[prompts.lyrics_text(r) for r in rows],
+            vocal_language=[prompts.language_text(r) for r in rows],
+            bpm=[prompts.normalize_bpm(r.bpm) for r in rows],
+            keyscale=[r.keyscale for r in rows],
+            timesignature=[r.timesignature for r in rows],
+            audio_duration=float(duration),
+            num_inference_steps=steps or spec.default_steps,
+            guidance_scale=spec.default_guidance if guidance is None else guidance,
+            shift=spec.default_shift if shift is None else shift,
+            generator=torch.Generator("cpu").manual_seed(int(seed)),
+            output_type="pt",
+            **pipeline_kwargs,
+        )
+        return output.audios.float().cpu()

@@ -1,0 +1,255 @@
+"""Load ACE-Step 1.5 components from a diffusers folder, the upstream layout, or a hub id.
+
+Layouts:
+- diffusers: ``model_index.json`` + ``transformer/ condition_encoder/ vae/ text_encoder/ tokenizer/``.
+- upstream: a variant folder (``model.safetensors`` or a sharded index, ``config.json``,
+  ``silence_latent.pt``) beside ``vae/`` and ``Qwen3-Embedding-0.6B/``; its keys are converted
+  to diffusers' names at load time. The parent ``checkpoints/`` folder is accepted when it holds
+  exactly one variant folder.
+- hub id ``org/name`` (or ``org/name/subfolder`` for one variant of an upstream repo): downloaded
+  with huggingface_hub into its cache, then loaded as above.
+
+Only the parts asked for are loaded: prep needs the VAE and text encoder, training the DiT and the
+condition encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ...errors import ModelLoadError
+from .keymap import SILENCE_LATENT_KEY, upstream_configs, upstream_to_diffusers
+from .variants import VariantSpec, detect_variant
+
+ALL_PARTS = ("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer")
+UPSTREAM_TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
+UPSTREAM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class AceStep15Components:
+    variant: VariantSpec
+    source: str  # the folder the components were read from
+    layout: str  # "diffusers" or "upstream"
+    transformer: Any = None
+    condition_encoder: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    transformer_config: dict = field(default_factory=dict)
+
+
+def _is_diffusers_root(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def _is_upstream_variant(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in UPSTREAM_WEIGHTS)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return 2 <= len(parts) <= 3 and not text.startswith((".", "/", "~")) and all(parts)
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, local_files_only: bool = False) -> tuple[Path, str]:
+    """Return (folder, layout) for a local folder or a hub id, downloading the latter if needed."""
+    text = str(path_or_id)
+    path = Path(text).expanduser()
+    if path.exists():
+        return _local_layout(path)
+    if _looks_like_hub_id(text):
+        return _local_layout(_download(text, local_files_only=local_files_only))
+    raise ModelLoadError(f"model {text!r}: no such folder, and not a hub id of the form org/name")
+
+
+def _local_layout(path: Path) -> tuple[Path, str]:
+    if not path.is_dir():
+        raise ModelLoadError(f"model {path}: expected a folder, got a file")
+    if _is_diffusers_root(path):
+        return path, "diffusers"
+    if _is_upstream_variant(path):
+        return path, "upstream"
+    variants = sorted(p for p in path.iterdir() if p.is_dir() and _is_upstream_variant(p))
+    if len(variants) == 1 and (path / "vae").is_dir():
+        return variants[0], "upstream"
+    if variants:
+        names = ", ".join(p.name for p in variants)
+        raise ModelLoadError(f"model {path} holds several ACE-Step variants ({names}); pass one of them, e.g. {variants[0]}")
+    raise ModelLoadError(
+        f"model {path} is neither a diffusers ACE-Step folder (model_index.json) nor an upstream "
+        f"variant folder (config.json + model.safetensors beside vae/ and {UPSTREAM_TEXT_ENCODER_DIR}/)"
+    )
+
+
+def _download(hub_id: str, *, local_files_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    parts = hub_id.split("/")
+    repo_id, subfolder = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    patterns = None
+    if subfolder:
+        # one upstream variant: its folder plus the shared VAE and text encoder, not every variant and LM
+        patterns = [f"{subfolder}/*", "vae/*", f"{UPSTREAM_TEXT_ENCODER_DIR}/*"]
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_files_only))
+    except LocalEntryNotFoundError as error:
+        raise ModelLoadError(f"model {hub_id}: not in the local Hugging Face cache and the hub is unreachable ({error})") from error
+    except HfHubHTTPError as error:
+        raise ModelLoadError(f"model {hub_id}: download failed: {error}") from error
+    return root / subfolder if subfolder else root
+
+
+def load_components(
+    path_or_id: str | os.PathLike,
+    parts: Iterable[str] = ALL_PARTS,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    local_files_only: bool = False,
+) -> AceStep15Components:
+    parts = tuple(parts)
+    unknown = set(parts) - set(ALL_PARTS)
+    if unknown:
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {ALL_PARTS}")
+    folder, layout = resolve_checkpoint(path_or_id, local_files_only=local_files_only)
+    if layout == "diffusers":
+        components = _load_diffusers(folder, parts, dtype)
+    else:
+        components = _load_upstream(folder, parts, dtype)
+    for name in ("transformer", "condition_encoder", "vae", "text_encoder"):
+        module = getattr(components, name)
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return components
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"cannot read {path}: {error}") from error
+
+
+def _load_text_parts(folder: Path, parts, dtype, components: AceStep15Components, *, tokenizer_folder: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    if "text_encoder" in parts:
+        # Qwen3Model through AutoModel: the architecture comes from config.json, never from remote code.
+        components.text_encoder = AutoModel.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    if "tokenizer" in parts:
+        components.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=False)
+
+
+def _load_diffusers(root: Path, parts, dtype) -> AceStep15Components:
+    from diffusers import AutoencoderOobleck
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+    from diffusers.pipelines.ace_step import AceStepConditionEncoder
+
+    transformer_config = _read_json(root / "transformer" / "config.json")
+    components = AceStep15Components(
+        variant=detect_variant(transformer_config),
+        source=str(root),
+        layout="diffusers",
+        transformer_config=transformer_config,
+    )
+    if "transformer" in parts:
+        components.transformer = AceStepTransformer1DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+    if "condition_encoder" in parts:
+        components.condition_encoder = AceStepConditionEncoder.from_pretrained(
+            root, subfolder="condition_encoder", torch_dtype=dtype
+        )
+    if "vae" in parts:
+        components.vae = AutoencoderOobleck.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
+    _load_text_parts(root / "text_encoder", parts, dtype, components, tokenizer_folder=root / "tokenizer")
+    return components
+
+
+def _load_upstream_state_dict(variant_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = variant_dir / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = _read_json(variant_dir / "model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(variant_dir / Path(shard).name))  # name only: the index cannot point outside
+    return state
+
+
+def _load_silence_latent(variant_dir: Path) -> torch.Tensor | None:
+    path = variant_dir / "silence_latent.pt"
+    if not path.is_file():
+        return None
+    # weights_only: a plain tensor, never arbitrary pickled objects
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, torch.Tensor) or raw.dim() != 3:
+        raise ModelLoadError(f"{path}: expected a [1, C, T] tensor, got {type(raw).__name__}")
+    return raw.transpose(1, 2).contiguous()  # upstream stores [1, C, T]; the encoder keeps [1, T, C]
+
+
+def _load_upstream(variant_dir: Path, parts, dtype) -> AceStep15Components:
+    from diffusers import AutoencoderOobleck
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+    from diffusers.pipelines.ace_step import AceStepConditionEncoder
+
+    root = variant_dir.parent
+    raw_config = _read_json(variant_dir / "config.json")
+    try:
+        dit_config, condition_config = upstream_configs(raw_config)
+    except KeyError as error:
+        raise ModelLoadError(f"{variant_dir / 'config.json'}: missing field {error}") from error
+    components = AceStep15Components(
+        variant=detect_variant(dit_config, raw_config),
+        source=str(variant_dir),
+        layout="upstream",
+        transformer_config=dit_config,
+    )
+    if "transformer" in parts or "condition_encoder" in parts:
+        transformer_sd, condition_sd, _ignored = upstream_to_diffusers(_load_upstream_state_dict(variant_dir))
+        if "transformer" in parts:
+            components.transformer = _instantiate(AceStepTransformer1DModel, dit_config, transformer_sd, dtype, variant_dir)
+        if "condition_encoder" in parts:
+            silence = _load_silence_latent(variant_dir)
+            if silence is not None:
+                condition_sd[SILENCE_LATENT_KEY] = silence
+            components.condition_encoder = _instantiate(
+                AceStepConditionEncoder, condition_config, condition_sd, dtype, variant_dir,
+                optional={SILENCE_LATENT_KEY} if silence is None else set(),
+            )
+    if "vae" in parts:
+        vae_dir = root / "vae"
+        if not vae_dir.is_dir():
+            raise ModelLoadError(f"upstream layout: no vae/ folder beside {variant_dir}")
+        components.vae = AutoencoderOobleck.from_pretrained(vae_dir, torch_dtype=dtype)
+    text_dir = root / UPSTREAM_TEXT_ENCODER_DIR
+    if ("text_encoder" in parts or "tokenizer" in parts) and not text_dir.is_dir():
+        raise ModelLoadError(f"upstream layout: no {UPSTREAM_TEXT_ENCODER_DIR}/ folder beside {variant_dir}")
+    _load_text_parts(text_dir, parts, dtype, components, tokenizer_folder=text_dir)
+    return components
+
+
+def _instantiate(cls, config: dict, state_dict: dict, dtype, where: Path, optional: set[str] = frozenset()):
+    model = cls(**{k: v for k, v in config.items() if v is not None})
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict) - set(optional))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{where}: weights do not fit {cls.__name__} built from config.json "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    try:
+        model.load_state_dict(state_dict, strict=not optional)
+    except RuntimeError as error:  # shapes that do not fit the config
+        raise ModelLoadError(f"{where}: weights do not fit {cls.__name__} built from config.json: {error}") from error
+    return model.to(dtype)

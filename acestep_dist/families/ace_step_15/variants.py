@@ -1,0 +1,102 @@
+"""ACE-Step 1.5 variants and what each one trains and samples with.
+
+The variant is read from the checkpoint's config (``is_turbo``, ``model_version``, the DiT and
+condition widths), never from a folder name the user happened to choose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ...errors import ModelLoadError
+from ...flow import DiscreteTimesteps, LogitNormalTimesteps, TimestepSampler, UniformTimesteps
+
+VARIANT_NAMES = (
+    "turbo",
+    "turbo-shift1",
+    "turbo-shift3",
+    "turbo-continuous",
+    "base",
+    "sft",
+    "xl-turbo",
+    "xl-base",
+    "xl-sft",
+)
+
+# The real DiT is 2048 wide; XL DiTs are wider than the condition encoder that feeds them.
+_XL_MIN_HIDDEN = 2560
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    is_turbo: bool
+    is_xl: bool
+    timestep_sampler: TimestepSampler
+    cfg_dropout: float  # fraction of training samples whose condition becomes null_condition_emb
+    default_steps: int
+    default_guidance: float
+    default_shift: float
+
+    @property
+    def family_variant(self) -> str:
+        """turbo / base / sft without the XL prefix or the shift suffix."""
+        return self.name.removeprefix("xl-").split("-")[0]
+
+
+def variant_spec(name: str, timestep_mu: float = -0.4, timestep_sigma: float = 1.0) -> VariantSpec:
+    if name not in VARIANT_NAMES:
+        raise ModelLoadError(f"unknown ACE-Step 1.5 variant {name!r}; known: {', '.join(VARIANT_NAMES)}")
+    is_xl = name.startswith("xl-")
+    kind = name.removeprefix("xl-")
+    if kind.startswith("turbo"):
+        # Turbo is distilled for 8 shifted steps; training draws t from that same schedule.
+        shift = 1.0 if kind == "turbo-shift1" else 3.0
+        sampler: TimestepSampler = (
+            UniformTimesteps(shift=shift) if kind == "turbo-continuous" else DiscreteTimesteps.shifted(8, shift)
+        )
+        return VariantSpec(name, True, is_xl, sampler, 0.0, 8, 1.0, shift)
+    sampler = LogitNormalTimesteps(mu=timestep_mu, sigma=timestep_sigma)
+    # upstream base/SFT inference: 30 steps, guidance 7 through APG
+    return VariantSpec(name, False, is_xl, sampler, 0.15, 30, 7.0, 3.0)
+
+
+def detect_variant(transformer_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> VariantSpec:
+    """Decide the variant from a DiT config (diffusers or upstream keys) plus optional upstream extras.
+
+    ``extra`` may carry upstream-only fields: ``timestep_mu``, ``timestep_sigma``, ``shift``,
+    A ``model_version`` that is one of ``VARIANT_NAMES`` (as our tiny checkpoints and exports write
+    it) is taken as is.
+    """
+    merged = {**transformer_config, **(extra or {})}
+    if str(merged.get("model_version")) in VARIANT_NAMES:
+        name = str(merged["model_version"])
+    else:
+        version = str(merged.get("model_version") or "").lower()
+        is_turbo = bool(merged.get("is_turbo")) or "turbo" in version
+        hidden = int(merged.get("hidden_size", 2048))
+        encoder_hidden = merged.get("encoder_hidden_size")
+        is_xl = "xl" in version or hidden >= _XL_MIN_HIDDEN or (encoder_hidden is not None and encoder_hidden != hidden)
+        if is_turbo:
+            shift = merged.get("shift")
+            if "continuous" in version:
+                kind = "turbo-continuous"
+            elif shift is not None and float(shift) == 1.0 or "shift1" in version:
+                kind = "turbo-shift1"
+            elif "shift3" in version:
+                kind = "turbo-shift3"
+            else:
+                kind = "turbo"
+        elif "sft" in version:
+            kind = "sft"
+        else:
+            kind = "base"
+        name = f"xl-{kind}" if is_xl else kind
+        if name == "xl-turbo-shift1" or name.startswith("xl-turbo-"):
+            name = "xl-turbo"
+    return variant_spec(
+        name,
+        timestep_mu=float(merged.get("timestep_mu", -0.4)),
+        timestep_sigma=float(merged.get("timestep_sigma", 1.0)),
+    )
