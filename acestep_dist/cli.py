@@ -1,0 +1,90 @@
+"""The ``acedist`` command line: parses options and calls the library. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+class _Group(click.Group):
+    """Turns a ``UserError`` anywhere below into one ``Error: ...`` line and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="acedist")
+def cli() -> None:
+    """Distributed data prep and fine-tuning for ACE-Step music models."""
+
+
+@cli.group(cls=_Group)
+def model() -> None:
+    """Build or describe model checkpoints."""
+
+
+@model.command("tiny")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write")
+@click.option(
+    "--variant",
+    default="turbo",
+    show_default=True,
+    type=click.Choice(["turbo", "turbo-shift1", "turbo-shift3", "turbo-continuous", "base", "sft", "xl", "xl-turbo", "xl-base", "xl-sft"]),
+)
+@click.option("--latent-dim", default=8, show_default=True, type=click.IntRange(min=2), help="VAE latent channels (64 in the real model)")
+@click.option("--seed", default=0, show_default=True, type=int)
+def model_tiny(out_dir: str, variant: str, latent_dim: int, seed: int) -> None:
+    """Write a tiny random-weight ACE-Step 1.5 checkpoint (diffusers layout) for tests and demos."""
+    from pathlib import Path
+
+    from .families.ace_step_15.tiny import write_tiny_checkpoint
+
+    if variant == "xl":
+        variant = "xl-base"
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new folder")
+    write_tiny_checkpoint(out, variant=variant, latent_dim=latent_dim, seed=seed)
+    click.echo(f"wrote tiny ACE-Step 1.5 {variant} checkpoint to {out}")
+
+
+@model.command("info")
+@click.argument("model_path")
+def model_info(model_path: str) -> None:
+    """Show the layout, variant and sizes of a checkpoint (folder or hub id)."""
+    from .families.ace_step_15 import load_components
+
+    parts = ("transformer", "condition_encoder")
+    components = load_components(model_path, parts)
+    spec = components.variant
+    sizes = {name: sum(p.numel() for p in getattr(components, name).parameters()) for name in parts}
+    info = {
+        "source": components.source,
+        "layout": components.layout,
+        "variant": spec.name,
+        "timestep_sampler": repr(spec.timestep_sampler),
+        "cfg_dropout": spec.cfg_dropout,
+        "default_steps": spec.default_steps,
+        "default_guidance": spec.default_guidance,
+        "default_shift": spec.default_shift,
+        "latent_dim": components.transformer_config.get("audio_acoustic_hidden_dim"),
+        "parameters": sizes,
+    }
+    click.echo(json.dumps(info, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="acedist")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

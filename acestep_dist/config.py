@@ -1,0 +1,161 @@
+"""Typed settings for prep and training: YAML files plus ``key=value`` overrides, validated by pydantic.
+
+Training keys use SimpleTuner's names where one exists, so settings carry over. Unknown keys are
+errors (a typo must not silently fall back to a default) and the message suggests the closest key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepConfig(_Settings):
+    """How audio becomes training samples (``acedist prep``)."""
+
+    max_duration: float = Field(240.0, gt=0, description="longest window in seconds; longer audio is cropped or split")
+    min_duration: float = Field(1.0, ge=0, description="shorter audio is rejected")
+    crop: Literal["start", "random", "segments"] = Field("start", description="what to do with audio over max_duration")
+    crop_seed: int = Field(0, description="seed of crop=random (the chosen offset is recorded per sample)")
+    silence_fraction: float = Field(0.95, gt=0, le=1, description="reject audio with more exact zeros than this")
+    caption_max_chars: int = Field(1024, gt=0, description="longer captions are truncated with a warning")
+    lyrics_max_chars: int = Field(8192, gt=0, description="longer lyrics are truncated with a warning")
+    allow_missing_caption: bool = Field(False, description="accept audio without a caption (empty caption, warning)")
+    lyrics_file: str = Field("{stem}.lyrics", description="lyric sidecar name, e.g. {stem}_lyrics.txt")
+    caption_file: str = Field("{stem}.txt", description="caption sidecar name")
+    text_max_tokens: int = Field(256, gt=0)
+    lyric_max_tokens: int = Field(2048, gt=0)
+    shard_size_mb: float = Field(256.0, gt=0, description="target size of one WebDataset shard")
+    encode_batch_size: int = Field(8, gt=0, description="records per text-encoder call")
+    decode_workers: int | None = Field(None, gt=0, description="CPU decode tasks in flight (default: cluster CPUs)")
+    encoder_actors: int | None = Field(None, gt=0, description="model actors per component (default: GPUs, else 1)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _durations(self) -> "PrepConfig":
+        if self.min_duration > self.max_duration:
+            raise ValueError(f"min_duration ({self.min_duration}) is larger than max_duration ({self.max_duration})")
+        return self
+
+
+class TrainConfig(_Settings):
+    """Fine-tuning settings (``acedist train``). Defaults follow upstream ACE-Step 1.5's LoRA trainer."""
+
+    model_type: Literal["lora", "full"] = "lora"
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    max_train_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    num_train_epochs: int = Field(1, gt=0, description="used when max_train_steps is not set")
+    train_batch_size: int = Field(1, gt=0, description="samples per worker per micro-step")
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    lr_warmup_steps: int = Field(100, ge=0)
+    checkpointing_steps: int = Field(500, gt=0)
+    checkpoints_total_limit: int | None = Field(3, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="ignored on CPU, which trains in fp32")
+    gradient_checkpointing: bool = False
+    lora_rank: int = Field(8, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_preset: Literal["attention", "attention+mlp"] = "attention"
+    use_rslora: bool = False
+    init_lora: str | None = Field(None, description="continue from a LoRA in diffusers, PEFT or ComfyUI format")
+    lyrics_embedder_train: bool = Field(False, description="also train the condition encoder's lyric encoder")
+    lyrics_embedder_lr: float | None = Field(None, gt=0)
+    validation_prompt: str | None = None
+    validation_lyrics: str | None = None
+    validation_audio_duration: float = Field(30.0, gt=0)
+    validation_guidance: float | None = Field(None, ge=0, description="default: the variant's")
+    validation_steps: int | None = Field(None, gt=0, description="sampler steps; default: the variant's")
+    validation_step_interval: int = Field(0, ge=0, description="0 disables validation")
+    validation_seed: int = 0
+    log_interval: int = Field(10, gt=0)
+    seed: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+
+    @model_validator(mode="after")
+    def _lyrics_lr(self) -> "TrainConfig":
+        if self.lyrics_embedder_lr is not None and not self.lyrics_embedder_train:
+            raise ValueError("lyrics_embedder_lr is set but lyrics_embedder_train is false")
+        return self
+
+
+Settings = TypeVar("Settings", bound=_Settings)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["learning_rate=3e-4", "validation_prompt=calm piano"]`` -> typed dict (values read as YAML)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return overrides
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _explain(error: ValidationError, cls: type[_Settings], source: str) -> ConfigError:
+    known = list(cls.model_fields)
+    lines = []
+    for problem in error.errors():
+        location = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown key {location!r}{_suggest(location, known)}")
+        elif location:
+            lines.append(f"{location}: {problem['msg']} (got {problem.get('input')!r})")
+        else:
+            lines.append(problem["msg"].removeprefix("Value error, "))
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+def load_config(
+    cls: type[Settings],
+    path: str | Path | None = None,
+    overrides: Sequence[str] | dict[str, Any] = (),
+) -> Settings:
+    """Read ``path`` (YAML mapping, optional), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"config file {path} cannot be read: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    if extra:
+        source += " + overrides" if path is not None else " overrides"
+    data.update(extra)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        raise _explain(error, cls, source) from None
