@@ -17,6 +17,7 @@ import torch
 from ...flow import cfg_dropout_mask, masked_mse_per_sample, noise_latents
 from ...records import Record
 from . import prompts
+from .attention import install_padding_masks
 from .loading import ALL_PARTS, AceStep15Components, load_components
 from .pipeline import AceStepRowPipeline, tokenize
 from .variants import VariantSpec
@@ -228,18 +229,32 @@ class AceStep15:
         x_t, target = noise_latents(x0, noise.to(device), t.to(device))
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and condition_encoder.training):
-            condition, _ = self.condition(batch.text_states, batch.text_mask, batch.lyric_ids, batch.lyric_mask, lyric_embedding)
+            condition, condition_mask = self.condition(
+                batch.text_states, batch.text_mask, batch.lyric_ids, batch.lyric_mask, lyric_embedding
+            )
         if dropped.any():
+            # the null embedding fills every position; identical keys attend the same however many
             null = condition_encoder.null_condition_emb.to(condition.dtype).expand_as(condition)
             condition = torch.where(dropped.to(device)[:, None, None], null, condition)
 
+        # Padded frames enter the DiT as zeros, exactly as its own patch padding of a lone sample,
+        # and are masked as attention keys, as are padded condition tokens.
+        frames = batch.frame_mask[:, :, None].to(dtype)
+        context = self.context_latents(T, B).to(device, dtype) * frames
+        patch = int(transformer.config.patch_size)
+        patches = -(-T // patch)
+        masks = install_padding_masks(transformer)
+        masks.set(
+            latent=torch.arange(patches, device=device)[None, :] < (batch.frame_mask.sum(dim=1, keepdim=True) + patch - 1) // patch,
+            condition=condition_mask.bool(),
+        )
         t_in = t.to(device=device, dtype=dtype)
         prediction = transformer(
-            hidden_states=x_t.to(dtype),
+            hidden_states=x_t.to(dtype) * frames,
             timestep=t_in,
             timestep_r=t_in,  # r = t: plain flow matching, no mean-flow
             encoder_hidden_states=condition.to(dtype),
-            context_latents=self.context_latents(T, B).to(device, dtype),
+            context_latents=context,
             return_dict=False,
         )[0]
         per_sample = masked_mse_per_sample(prediction, target, batch.frame_mask)
@@ -258,6 +273,8 @@ class AceStep15:
         self._require("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer")
         # ACE-Step passes its own shifted sigmas in [0, 1]; the scheduler must not shift them again.
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+        if c.transformer is not None and getattr(c.transformer, "_acedist_padding_masks", None) is not None:
+            c.transformer._acedist_padding_masks.clear()  # sampling feeds unpadded single prompts
         pipe = AceStepRowPipeline(
             vae=c.vae,
             text_encoder=c.text_encoder,

@@ -50,7 +50,14 @@ def _is_diffusers_root(path: Path) -> bool:
 
 
 def _is_upstream_variant(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / name).is_file() for name in UPSTREAM_WEIGHTS)
+    """A DiT variant folder, not the text encoder or the 5 Hz LM that sit beside it."""
+    config = path / "config.json"
+    if not config.is_file() or not any((path / name).is_file() for name in UPSTREAM_WEIGHTS):
+        return False
+    try:
+        return "audio_acoustic_hidden_dim" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -252,4 +259,4 @@ def _instantiate(cls, config: dict, state_dict: dict, dtype, where: Path, option
         model.load_state_dict(state_dict, strict=not optional)
     except RuntimeError as error:  # shapes that do not fit the config
         raise ModelLoadError(f"{where}: weights do not fit {cls.__name__} built from config.json: {error}") from error
-    return model.to(dtype)
+    return model if model.dtype == dtype else model.to(dtype)

@@ -65,36 +65,31 @@ def variant_spec(name: str, timestep_mu: float = -0.4, timestep_sigma: float = 1
 def detect_variant(transformer_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> VariantSpec:
     """Decide the variant from a DiT config (diffusers or upstream keys) plus optional upstream extras.
 
-    ``extra`` may carry upstream-only fields: ``timestep_mu``, ``timestep_sigma``, ``shift``,
+    ``extra`` may carry upstream-only fields: ``timestep_mu``, ``timestep_sigma``, ``shift``.
     A ``model_version`` that is one of ``VARIANT_NAMES`` (as our tiny checkpoints and exports write
     it) is taken as is.
     """
     merged = {**transformer_config, **(extra or {})}
-    if str(merged.get("model_version")) in VARIANT_NAMES:
-        name = str(merged["model_version"])
-    else:
-        version = str(merged.get("model_version") or "").lower()
-        is_turbo = bool(merged.get("is_turbo")) or "turbo" in version
-        hidden = int(merged.get("hidden_size", 2048))
-        encoder_hidden = merged.get("encoder_hidden_size")
-        is_xl = "xl" in version or hidden >= _XL_MIN_HIDDEN or (encoder_hidden is not None and encoder_hidden != hidden)
-        if is_turbo:
+    version = str(merged.get("model_version") or "").lower()
+    hidden = int(merged.get("hidden_size", 2048))
+    encoder_hidden = merged.get("encoder_hidden_size")
+    is_xl = version.startswith("xl") or hidden >= _XL_MIN_HIDDEN or (encoder_hidden is not None and encoder_hidden != hidden)
+    kind = version.removeprefix("xl-")
+    if kind not in VARIANT_NAMES:
+        if bool(merged.get("is_turbo")) or "turbo" in version:
             shift = merged.get("shift")
             if "continuous" in version:
                 kind = "turbo-continuous"
-            elif shift is not None and float(shift) == 1.0 or "shift1" in version:
+            elif "shift1" in version or (shift is not None and float(shift) == 1.0):
                 kind = "turbo-shift1"
             elif "shift3" in version:
                 kind = "turbo-shift3"
             else:
                 kind = "turbo"
-        elif "sft" in version:
-            kind = "sft"
         else:
-            kind = "base"
-        name = f"xl-{kind}" if is_xl else kind
-        if name == "xl-turbo-shift1" or name.startswith("xl-turbo-"):
-            name = "xl-turbo"
+            kind = "sft" if "sft" in version else "base"
+    # XL ships one turbo schedule
+    name = f"xl-{kind.split('-')[0]}" if is_xl else kind
     return variant_spec(
         name,
         timestep_mu=float(merged.get("timestep_mu", -0.4)),
