@@ -13,7 +13,8 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+# CI has the corpus beside the checkout; ACESTEP_CORPUS points elsewhere.
+CORPUS = Path(os.environ.get("ACESTEP_CORPUS") or Path(__file__).resolve().parents[1].parent / "shared" / "corpus")
 
 
 @pytest.fixture(scope="session")
