@@ -21,10 +21,29 @@ class _Group(click.Group):
             raise click.ClickException(str(error)) from None
 
 
+def _quiet_libraries() -> None:
+    """diffusers / transformers print a progress bar per weight file and advisory warnings; our
+    commands report their own progress."""
+    import warnings
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    # AutoencoderOobleck still builds with torch's older weight_norm; nothing for a user to do
+    warnings.filterwarnings("ignore", message=".*weight_norm.*is deprecated", category=FutureWarning)
+
+    for logging_module in (diffusers_logging, transformers_logging):
+        logging_module.disable_progress_bar()
+        logging_module.set_verbosity_error()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="acedist")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="show the model libraries' own progress bars and warnings")
+def cli(verbose: bool) -> None:
     """Distributed data prep and fine-tuning for ACE-Step music models."""
+    if not verbose:
+        _quiet_libraries()
 
 
 @cli.group(cls=_Group)
