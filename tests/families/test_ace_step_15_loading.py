@@ -152,3 +152,25 @@ def test_bad_checkpoints_fail_with_a_clear_message(tmp_path, tiny_turbo):
     save_file(state, variant_dir / "model.safetensors")
     with pytest.raises(ModelLoadError, match="weights do not fit AceStepTransformer1DModel"):
         load_components(variant_dir, ("transformer",))
+
+
+def test_hub_ids_load_from_the_hugging_face_cache(tmp_path, monkeypatch, tiny_turbo):
+    """The hub code path, with the cache filled by hand (tests cannot reach the hub)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    for repo, make in (("acedist/tiny-diffusers", lambda d: shutil.copytree(tiny_turbo, d)),
+                       ("acedist/tiny-upstream", lambda d: write_upstream_copy(tiny_turbo, d, "acestep-v15-turbo"))):
+        repo_dir = cache / f"models--{repo.replace('/', '--')}"
+        make(repo_dir / "snapshots" / revision)
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    diffusers_layout = load_components("acedist/tiny-diffusers", ("transformer",), local_files_only=True)
+    assert diffusers_layout.layout == "diffusers" and diffusers_layout.variant.name == "turbo"
+    one_variant = load_components("acedist/tiny-upstream/acestep-v15-turbo", ("transformer", "vae"), local_files_only=True)
+    assert one_variant.layout == "upstream" and one_variant.source.endswith("acestep-v15-turbo")
+    expected = AceStep15.load(tiny_turbo, ("transformer",)).components.transformer.state_dict()
+    assert all(torch.equal(v, one_variant.transformer.state_dict()[k]) for k, v in expected.items())
