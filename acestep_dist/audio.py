@@ -1,10 +1,172 @@
-"""Audio in and out with PyAV (its own FFmpeg; no system FFmpeg, no torchaudio)."""
+"""Audio in and out with PyAV (its own FFmpeg; no system FFmpeg, no torchaudio) and soxr.
+
+Decoding is windowed: a window is reached by seeking and decoded frame by frame into a streaming
+soxr resampler, so a long file is never held in memory whole. The container format is decided by
+FFmpeg from the content; a file whose extension says otherwise is decoded by what it is, with a
+warning. A decode error midway keeps what decoded before it, with a warning.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+# FFmpeg demuxer names -> the extensions that name them
+_FORMAT_EXTENSIONS = {
+    "wav": {".wav", ".wave"},
+    "flac": {".flac"},
+    "mp3": {".mp3"},
+    "ogg": {".ogg", ".oga", ".opus"},
+    "mov,mp4,m4a,3gp,3g2,mj2": {".m4a", ".mp4", ".aac", ".alac", ".m4b"},
+    "aac": {".aac"},
+    "aiff": {".aif", ".aiff", ".aifc"},
+    "asf": {".wma", ".asf"},
+    "w64": {".w64"},
+    "caf": {".caf"},
+}
+_FORMAT_LABELS = {"mov,mp4,m4a,3gp,3g2,mj2": "MP4/M4A", "asf": "ASF/WMA"}
+
+
+class AudioError(Exception):
+    """An input that cannot become a training window; the message is the reason users see."""
+
+
+@dataclass
+class AudioInfo:
+    path: str
+    container: str  # FFmpeg's demuxer name
+    codec: str
+    sample_rate: int
+    channels: int
+    duration: float  # seconds, from the container (decoders may differ by a few ms)
+    size: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        name = _FORMAT_LABELS.get(self.container, self.container.upper())
+        return f"{name}/PCM" if self.codec.startswith("pcm") else name
+
+
+@dataclass
+class DecodedWindow:
+    wave: np.ndarray  # float32 [2, n] at the target rate
+    sample_rate: int
+    offset: float  # seconds into the source
+    source_rate: int
+    zero_fraction: float  # exact zeros among the decoded source samples
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return self.wave.shape[1] / self.sample_rate
+
+
+def probe_audio(path: str | os.PathLike) -> AudioInfo:
+    """Container facts without decoding. Raises ``AudioError`` for an empty or undecodable file."""
+    import av
+
+    path = str(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise AudioError("empty file")
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise AudioError("no audio stream")
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            else:
+                duration = math.nan
+            info = AudioInfo(path, container.format.name, stream.codec_context.name, int(stream.rate or 0),
+                             int(stream.channels or 0), duration, size)
+    except (av.error.InvalidDataError, av.error.EOFError) as error:
+        raise AudioError(f"not a decodable audio file ({error.strerror or error})") from None
+    except av.error.FFmpegError as error:
+        raise AudioError(f"not a decodable audio file ({error})") from None
+    if info.sample_rate <= 0 or info.channels <= 0:
+        raise AudioError("not a decodable audio file (no sample rate or channels)")
+    extension = Path(path).suffix.lower()
+    known = _FORMAT_EXTENSIONS.get(info.container)
+    if known is not None and extension not in known:
+        info.warnings.append(f"extension {extension or '(none)'} does not match content ({info.label}); decoded as {info.label}")
+    return info
+
+
+def decode_window(
+    path: str | os.PathLike,
+    offset: float = 0.0,
+    duration: float | None = None,
+    target_rate: int = 48000,
+) -> DecodedWindow:
+    """Decode ``[offset, offset + duration)`` seconds as float32 stereo at ``target_rate``.
+
+    Mono is duplicated to both channels; more than two channels are downmixed to stereo by FFmpeg's
+    channel-name matrix (5.1 -> L/R with centre and surrounds folded in). Integer PCM (u8 included)
+    becomes float by FFmpeg's exact scaling; 24-bit input keeps its precision until soxr resamples.
+    """
+    import av
+    import soxr
+
+    path = str(path)
+    warnings: list[str] = []
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as error:
+        raise AudioError(f"not a decodable audio file ({error})") from None
+    with container:
+        stream = container.streams.audio[0]
+        source_rate = int(stream.rate)
+        channels = int(stream.channels)
+        # Planar float at the source rate; FFmpeg downmixes only when there are more than 2 channels.
+        converter = av.AudioResampler(format="fltp", layout="stereo" if channels > 2 else None, rate=source_rate)
+        resampler = soxr.ResampleStream(source_rate, target_rate, 2, dtype="float32", quality="HQ")
+        start = int(round(offset * source_rate))
+        stop = None if duration is None else start + int(round(duration * source_rate))
+        if offset > 0:
+            container.seek(int(offset / stream.time_base), stream=stream, any_frame=False, backward=True)
+        position = None  # index of the next decoded source sample
+        kept, zeros = 0, 0
+        out: list[np.ndarray] = []
+
+        def take(block: np.ndarray, last: bool = False) -> None:
+            nonlocal kept, zeros
+            if block.shape[0] == 1:
+                block = np.repeat(block, 2, axis=0)
+            kept += block.shape[1]
+            zeros += int(np.count_nonzero(block == 0.0))
+            out.append(resampler.resample_chunk(np.ascontiguousarray(block.T), last=last))
+
+        try:
+            for packet_frame in container.decode(stream):
+                if position is None:
+                    pts = packet_frame.pts
+                    position = int(round(float(pts * packet_frame.time_base) * source_rate)) if pts is not None else 0
+                for frame in converter.resample(packet_frame):
+                    block = frame.to_ndarray().astype(np.float32, copy=False)
+                    begin, end = position, position + block.shape[1]
+                    position = end
+                    lo = max(start - begin, 0)
+                    hi = block.shape[1] if stop is None else min(stop - begin, block.shape[1])
+                    if hi > lo:
+                        take(block[:, lo:hi])
+                if stop is not None and position >= stop:
+                    break
+        except av.error.FFmpegError as error:
+            seconds = kept / source_rate
+            warnings.append(f"decoding stopped at {seconds:.2f} s: {error}; kept what decoded before it")
+        out.append(resampler.resample_chunk(np.zeros((0, 2), np.float32), last=True))
+    wave = np.concatenate(out, axis=0).T if out else np.zeros((2, 0), np.float32)
+    total = max(kept * 2, 1)
+    return DecodedWindow(np.ascontiguousarray(wave, dtype=np.float32), target_rate, offset, source_rate,
+                         zeros / total, warnings)
 
 _WRITE_CODECS = {".wav": ("pcm_f32le", "flt"), ".flac": ("flac", "s32")}
 

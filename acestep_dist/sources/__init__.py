@@ -1,0 +1,50 @@
+"""Sources: anything a user's songs come in, turned into one list of ``Record`` s.
+
+``load_source`` detects the kind (``--source-type`` forces it): a folder with sidecars, a
+canonical manifest, DiffSynth metadata, or the ACE-Step 1.5 dataset JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import PrepConfig
+from .base import Problem, SourceError, SourceListing
+from .folder import list_folder
+from .manifest import FORMATS, list_manifest
+
+SOURCE_TYPES = ("folder",) + FORMATS
+_DIFFSYNTH_FILES = ("metadata.json", "metadata.jsonl", "metadata.csv")
+
+
+def detect_source_type(path: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() not in (".jsonl", ".csv", ".json"):
+            raise SourceError(f"{path}: a source file must be .jsonl, .csv or .json")
+        return "metadata-file"
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+            raise SourceError(f"{path} is a Hugging Face dataset folder; reading those lands with `acedist convert`")
+        return "folder"
+    raise SourceError(f"source {path} does not exist")
+
+
+def load_source(path: str | Path, config: PrepConfig, source_type: str | None = None) -> SourceListing:
+    path = Path(path)
+    if source_type is not None and source_type not in SOURCE_TYPES:
+        raise SourceError(f"unknown source type {source_type!r}; known: {', '.join(SOURCE_TYPES)}")
+    kind = detect_source_type(path)
+    if kind == "folder":
+        if source_type in FORMATS:
+            # DiffSynth keeps its metadata file at the top of the dataset folder
+            for name in _DIFFSYNTH_FILES:
+                if (path / name).is_file():
+                    return list_manifest(path / name, config, source_type)
+            raise SourceError(f"{path}: no {' / '.join(_DIFFSYNTH_FILES)} for source type {source_type}")
+        return list_folder(path, config)
+    if source_type == "folder":
+        raise SourceError(f"{path} is a file; source type 'folder' needs a folder")
+    return list_manifest(path, config, source_type)
+
+
+__all__ = ["Problem", "SOURCE_TYPES", "SourceError", "SourceListing", "detect_source_type", "load_source"]
