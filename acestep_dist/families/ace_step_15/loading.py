@@ -260,3 +260,50 @@ def _instantiate(cls, config: dict, state_dict: dict, dtype, where: Path, option
     except RuntimeError as error:  # shapes that do not fit the config
         raise ModelLoadError(f"{where}: weights do not fit {cls.__name__} built from config.json: {error}") from error
     return model if model.dtype == dtype else model.to(dtype)
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    """Sizes read from config files alone (no weights): what prep needs to plan shards."""
+
+    sample_rate: int
+    hop_length: int
+    latent_dim: int
+    text_dim: int
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop_length
+
+
+def model_dimensions(folder: Path, layout: str) -> ModelDimensions:
+    if layout == "diffusers":
+        vae, text = folder / "vae" / "config.json", folder / "text_encoder" / "config.json"
+    else:
+        vae, text = folder.parent / "vae" / "config.json", folder.parent / UPSTREAM_TEXT_ENCODER_DIR / "config.json"
+    vae_config, text_config = _read_json(vae), _read_json(text)
+    hop = 1
+    for ratio in vae_config.get("downsampling_ratios", [2, 4, 4, 6, 10]):
+        hop *= int(ratio)
+    return ModelDimensions(
+        sample_rate=int(vae_config.get("sampling_rate", 48000)),
+        hop_length=hop,
+        latent_dim=int(vae_config.get("decoder_input_channels", 64)),
+        text_dim=int(text_config["hidden_size"]),
+    )
+
+
+def model_fingerprint(folder: Path, layout: str) -> str:
+    """Identity of the weights prep uses (VAE, text encoder, tokenizer): every config file's content
+    and every weight file's name and size, hashed. Cheap: no weights are read."""
+    import hashlib
+
+    roots = [folder / "vae", folder / "text_encoder", folder / "tokenizer"] if layout == "diffusers" else [
+        folder.parent / "vae", folder.parent / UPSTREAM_TEXT_ENCODER_DIR]
+    sha = hashlib.sha256()
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            sha.update(f"{path.relative_to(root.parent)}:{path.stat().st_size}\n".encode())
+            if path.suffix in (".json", ".txt", ".model"):
+                sha.update(path.read_bytes())
+    return sha.hexdigest()[:16]

@@ -1,0 +1,201 @@
+"""Prep stages as plain functions and classes over dict rows (what Ray Data passes around).
+
+    plan_windows (per record)  ->  decode_window (CPU task)  ->  LatentEncoder (VAE actor)
+      ->  TextEncoder (text encoder actor, batched)  ->  the driver groups rows into shards
+
+A row that fails a stage is marked ``status = "rejected"`` with its stage and reason and passes the
+later stages untouched, so one bad file never fails the job or a block of good ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import traceback
+from typing import Any
+
+import numpy as np
+
+from .audio import AudioError, decode_window, probe_audio
+from .config import PrepConfig
+from .records import Record
+
+OK, REJECTED = "ok", "rejected"
+
+# Every row carries every column from the start (Ray Data batches rows of one schema); stages
+# fill values in and empty the heavy ones they consume.
+ROW_DEFAULTS: dict[str, Any] = {
+    "status": OK, "stage": "", "reason": "", "warnings": "[]", "key": "", "window": 0, "sha256": "",
+    "offset": 0.0, "length": 0.0, "duration": 0.0, "wave": b"", "wave_samples": 0,
+    "latent_mean": b"", "latent_std": b"", "frames": 0, "latent_dim": 0, "tensors": b"", "meta": "",
+}
+
+
+def _reject(row: dict, stage: str, reason: str) -> dict:
+    return {**row, "status": REJECTED, "stage": stage, "reason": reason}
+
+
+def _warn(row: dict, *messages: str) -> dict:
+    return {**row, "warnings": json.dumps(json.loads(row.get("warnings") or "[]") + list(messages))}
+
+
+def file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def window_offsets(duration: float, config: PrepConfig, key: str) -> tuple[list[tuple[float, float]], list[str]]:
+    """Windows ``(offset, length)`` of a source of ``duration`` seconds, and the warnings they imply."""
+    limit = config.max_duration
+    if duration <= limit:
+        return [(0.0, duration)], []
+    if config.crop == "start":
+        return [(0.0, limit)], [f"{duration:.0f} s exceeds max {limit:.0f} s; cropped to the first {limit:.0f} s"]
+    if config.crop == "random":
+        # seeded per key, so a rerun (or another worker) picks the same window
+        rng = random.Random(f"{config.crop_seed}:{key}")
+        offset = round(rng.uniform(0.0, duration - limit), 3)
+        return [(offset, limit)], [f"{duration:.0f} s exceeds max {limit:.0f} s; cropped to {limit:.0f} s at {offset:.3f} s (random, seed {config.crop_seed})"]
+    windows = [(k * limit, min(limit, duration - k * limit)) for k in range(math.ceil(duration / limit))]
+    warnings = [f"{duration:.0f} s exceeds max {limit:.0f} s; split into segments of {limit:.0f} s"]
+    if len(windows) > 1 and windows[-1][1] < config.min_duration:
+        warnings.append(f"last segment ({windows[-1][1]:.2f} s) is shorter than the minimum and was dropped")
+        windows.pop()
+    return windows, warnings
+
+
+def plan_windows(row: dict, config: PrepConfig) -> list[dict]:
+    """Probe a record's audio and split it into the windows to encode (metadata only, no decoding)."""
+    record = Record.from_dict(json.loads(row["record"]))
+    base = {**ROW_DEFAULTS, **row, "key": record.key}
+    try:
+        info = probe_audio(record.audio)
+    except AudioError as error:
+        return [_reject(base, "probe", str(error))]
+    except OSError as error:
+        return [_reject(base, "probe", f"cannot read file: {error.strerror or error}")]
+    base = _warn(base, *info.warnings)
+    if not math.isfinite(info.duration):
+        # no duration in the container: decode from the start and let the decoded length decide
+        windows, notes = [(0.0, config.max_duration)], []
+    else:
+        if info.duration < config.min_duration:
+            return [_reject(base, "probe", f"too short: {info.duration:.2f} s < minimum {config.min_duration:.2f} s")]
+        windows, notes = window_offsets(info.duration, config, record.key)
+    base = _warn(base, *notes)
+    base["sha256"] = file_sha256(record.audio)
+    rows = []
+    for index, (offset, length) in enumerate(windows):
+        key = record.key if len(windows) == 1 else f"{record.key}__seg{index:03d}"
+        rows.append({**base, "window": index, "key": key, "offset": offset, "length": length})
+    return rows
+
+
+def decode_row(row: dict, config: PrepConfig, sample_rate: int) -> dict:
+    """Decode one window to float32 stereo at the model's rate (bytes in the row)."""
+    if row["status"] != OK:
+        return row
+    record = Record.from_dict(json.loads(row["record"]))
+    try:
+        window = decode_window(record.audio, row["offset"], row["length"], sample_rate)
+    except AudioError as error:
+        return _reject(row, "decode", str(error))
+    except Exception as error:  # a decoder crash must cost this file only
+        return _reject(row, "decode", f"{type(error).__name__}: {error}")
+    row = _warn(row, *window.warnings)
+    if window.zero_fraction > config.silence_fraction:
+        return _reject(row, "decode", f"silent audio: {100 * window.zero_fraction:.1f} % exact zeros "
+                                      f"(limit {100 * config.silence_fraction:.0f} %)")
+    if window.duration < config.min_duration:
+        return _reject(row, "decode", f"too short: {window.duration:.2f} s < minimum {config.min_duration:.2f} s")
+    return {**row, "wave": window.wave.tobytes(), "wave_samples": window.wave.shape[1], "duration": window.duration}
+
+
+class LatentEncoder:
+    """Ray actor: VAE posterior mean/std of each decoded window, one window per call (no padding,
+    so the result does not depend on other windows)."""
+
+    def __init__(self, model: str, device: str | None = None):
+        import torch
+
+        from .families.ace_step_15 import AceStep15
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.family = AceStep15.load(model, ("vae",), dtype=dtype, device=device)
+        self.family.components.vae.enable_tiling()  # bounded memory on long windows
+
+    def __call__(self, row: dict) -> dict:
+        if row["status"] != OK:
+            return row
+        import torch
+
+        try:
+            wave = np.frombuffer(row["wave"], dtype=np.float32).reshape(2, row["wave_samples"])
+            stats = self.family.encode_audio(torch.from_numpy(wave.copy()))
+        except Exception as error:
+            return _reject({**row, "wave": b""}, "encode_audio", f"{type(error).__name__}: {error}")
+        return {
+            **row, "wave": b"", "latent_mean": stats.mean.numpy().tobytes(), "latent_std": stats.std.numpy().tobytes(),
+            "frames": int(stats.mean.shape[0]), "latent_dim": int(stats.mean.shape[1]),
+        }
+
+
+class TextEncoder:
+    """Ray actor: text states and lyric ids of a batch of windows (right padding, no attention mask:
+    each row's real tokens are what it gives alone), packed with the latents into the sample blob."""
+
+    def __init__(self, model: str, config: PrepConfig, device: str | None = None):
+        import torch
+
+        from .families.ace_step_15 import AceStep15
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.family = AceStep15.load(model, ("text_encoder", "tokenizer"), dtype=dtype, device=device)
+        self.config = config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from .shards import pack_tensors
+
+        n = len(batch["key"])
+        blobs = np.array([b""] * n, dtype=object)
+        metas = np.array([""] * n, dtype=object)
+        status, stage, reason = batch["status"].copy(), batch["stage"].copy(), batch["reason"].copy()
+        live = [i for i in range(n) if status[i] == OK]
+        records = [
+            Record.from_dict(json.loads(batch["record"][i])).with_(duration=float(batch["duration"][i])) for i in live
+        ]
+        try:
+            states = self.family.encode_text(records, self.config.text_max_tokens) if records else []
+            lyric_ids = self.family.tokenize_lyrics(records, self.config.lyric_max_tokens) if records else []
+        except Exception:
+            states, lyric_ids = None, None
+            failure = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        for slot, i in enumerate(live):
+            if states is None:
+                status[i], stage[i], reason[i] = REJECTED, "encode_text", failure
+                continue
+            frames, dim = int(batch["frames"][i]), int(batch["latent_dim"][i])
+            mean = torch.from_numpy(np.frombuffer(batch["latent_mean"][i], np.float32).reshape(frames, dim).copy())
+            std = torch.from_numpy(np.frombuffer(batch["latent_std"][i], np.float32).reshape(frames, dim).copy())
+            blobs[i] = pack_tensors(mean, std, states[slot], lyric_ids[slot])
+            record = records[slot]
+            metas[i] = json.dumps({
+                "caption": record.caption, "lyrics": record.lyrics, "bpm": record.bpm, "keyscale": record.keyscale,
+                "timesignature": record.timesignature, "language": record.language,
+                "duration": round(float(batch["duration"][i]), 4), "source": record.audio,
+                "sha256": str(batch["sha256"][i]), "offset": float(batch["offset"][i]), "crop": self.config.crop,
+                "alt_captions": list(record.alt_captions), "repeat": record.repeat, "frames": frames,
+                "text_tokens": int(states[slot].shape[0]), "lyric_tokens": int(lyric_ids[slot].shape[0]),
+            }, ensure_ascii=False)
+        empty = np.array([b""] * n, dtype=object)
+        return {**batch, "status": status, "stage": stage, "reason": reason, "tensors": blobs, "meta": metas,
+                "latent_mean": empty, "latent_std": empty}

@@ -1,0 +1,165 @@
+"""Shards: the sample schema, the atomic writer, the reader and verification.
+
+A sample is ``__key__`` + ``meta.json`` + ``tensors.safetensors`` (``latent_mean``, ``latent_std``
+``[T, C]`` bf16; ``text_states`` ``[L, D]`` bf16, unpadded; ``lyric_ids`` ``[N]`` int32) in a plain
+WebDataset tar. No pickles. A shard is written as ``.tar.tmp`` and renamed into place when complete;
+its marker ``shard-NNNNNN.json`` (sha256, bytes, members, rejections, warnings) is renamed into place
+after it, so a shard with a marker is finished, and anything else is redone on a rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+TENSOR_FIELD = "tensors.safetensors"
+META_FIELD = "meta.json"
+TENSOR_DTYPES = {"latent_mean": torch.bfloat16, "latent_std": torch.bfloat16, "text_states": torch.bfloat16,
+                 "lyric_ids": torch.int32}
+# Fixed tar mtime: a rerun writes byte-identical shards from identical samples.
+_MTIME = 0
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def marker_name(index: int) -> str:
+    return f"shard-{index:06d}.json"
+
+
+def pack_tensors(latent_mean: torch.Tensor, latent_std: torch.Tensor, text_states: torch.Tensor,
+                 lyric_ids: torch.Tensor) -> bytes:
+    tensors = {"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states, "lyric_ids": lyric_ids}
+    return save_safetensors({k: v.detach().to("cpu", TENSOR_DTYPES[k]).contiguous() for k, v in tensors.items()})
+
+
+def unpack_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+    return load_safetensors(blob)
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    meta: dict[str, Any]
+    tensors: bytes  # pack_tensors(...)
+
+    def summary(self, shard: str) -> dict[str, Any]:
+        """The manifest row of this sample."""
+        return {"key": self.key, "shard": shard, "duration": self.meta["duration"], "frames": self.meta["frames"],
+                "text_tokens": self.meta["text_tokens"], "lyric_tokens": self.meta["lyric_tokens"],
+                "source": self.meta["source"], "offset": self.meta["offset"], "repeat": self.meta.get("repeat", 1)}
+
+
+@dataclass
+class ShardMarker:
+    index: int
+    sha256: str
+    bytes: int
+    samples: list[dict[str, Any]]  # manifest rows
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    fingerprint: str = ""
+    plan: str = ""  # hash of the records planned into this shard
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), indent=1, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardMarker":
+        return cls(**json.loads(text))
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and hashes what passes through to the real file."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def write_shard(fs, root: str, index: int, samples: list[EncodedSample], rejected: list[dict], warnings: list[dict],
+                fingerprint: str, plan: str) -> ShardMarker:
+    """Write shard ``index`` and then its marker, each by temporary file and rename."""
+    import webdataset as wds
+
+    final = f"{root}/{shard_name(index)}"
+    temporary = final + ".tmp"
+    with fs.open(temporary, "wb") as raw:
+        hashing = _HashingWriter(raw)
+        with wds.TarWriter(hashing, mtime=_MTIME, encoder=False) as writer:
+            for sample in samples:
+                meta = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+                writer.write({"__key__": sample.key, META_FIELD: meta, TENSOR_FIELD: sample.tensors})
+    fs.mv(temporary, final)
+    marker = ShardMarker(index, hashing.sha.hexdigest(), hashing.size, [s.summary(shard_name(index)) for s in samples],
+                         rejected, warnings, fingerprint, plan)
+    marker_path = f"{root}/{marker_name(index)}"
+    with fs.open(marker_path + ".tmp", "w") as f:
+        f.write(marker.to_json())
+    fs.mv(marker_path + ".tmp", marker_path)
+    return marker
+
+
+def file_sha256(fs, path: str) -> tuple[str, int]:
+    sha, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def _safe_member(name: str) -> tuple[str, str]:
+    """(key, field) of a tar member; names that could escape a folder are refused."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ValueError(f"unsafe member name {name!r}")
+    base = path.name
+    stem, dot, field_name = base.partition(".")
+    if not dot:
+        raise ValueError(f"member {name!r} has no field extension")
+    return str(path.parent / stem) if str(path.parent) != "." else stem, field_name
+
+
+def iter_samples(fileobj) -> Iterator[dict[str, Any]]:
+    """Samples of a shard as dicts: ``key``, ``meta``, and the tensors. Raises on a malformed shard."""
+    current: dict[str, Any] = {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ValueError(f"unexpected member {member.name!r} (not a regular file)")
+            key, field_name = _safe_member(member.name)
+            data = tar.extractfile(member).read()
+            if current and current["key"] != key:
+                yield _finish(current)
+                current = {}
+            current.setdefault("key", key)
+            current[field_name] = data
+    if current:
+        yield _finish(current)
+
+
+def _finish(raw: dict[str, Any]) -> dict[str, Any]:
+    missing = {META_FIELD, TENSOR_FIELD} - raw.keys()
+    if missing:
+        raise ValueError(f"sample {raw['key']!r} lacks {', '.join(sorted(missing))}")
+    sample = {"key": raw["key"], "meta": json.loads(raw[META_FIELD])}
+    sample.update(unpack_tensors(raw[TENSOR_FIELD]))
+    return sample

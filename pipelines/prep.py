@@ -1,0 +1,317 @@
+"""`acedist prep` as a Ray program: any music dataset -> verified WebDataset shards.
+
+Runs on an embedded local Ray cluster by default, on a running cluster with ``--address``, and
+as a job: ``ray job submit --working-dir . -- python -m pipelines.prep SOURCE --model M --out DIR``.
+
+Shard membership is fixed by the sorted input order, so a rerun plans the same shards; finished
+shards (tar + marker, sha256 verified, same plan) are kept and the rest are redone. The driver
+writes each shard by temporary file and rename as soon as its last row arrives (rows stream back
+in input order), so a killed run never leaves a partial shard visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from acestep_dist.config import PrepConfig, load_config
+from acestep_dist.errors import UserError
+from acestep_dist.families.ace_step_15.loading import model_dimensions, model_fingerprint, resolve_checkpoint
+from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows
+from acestep_dist.records import Record
+from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_name, shard_name, write_shard
+from acestep_dist.sources import load_source
+
+EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 3
+STATE_FILE = "prep_state.json"
+FORMAT_VERSION = 1
+# config keys that change only how fast prep runs, not what it writes
+_RUNTIME_KEYS = {"decode_workers", "encoder_actors", "encode_batch_size"}
+# a sample's text states are ~200 tokens: budget for them when planning shard sizes
+_TEXT_TOKENS_ESTIMATE = 200
+DECODE_TASK_MEMORY = 512 * 1024**2
+
+
+@dataclass
+class PrepResult:
+    report: dict[str, Any]
+    exit_code: int
+
+
+def _fingerprint(model_id: str, config: PrepConfig) -> str:
+    settings = {k: v for k, v in config.model_dump().items() if k not in _RUNTIME_KEYS}
+    blob = json.dumps({"format": FORMAT_VERSION, "model": model_id, "config": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _records_per_shard(config: PrepConfig, dims) -> int:
+    bytes_per_record = (
+        2 * 2 * dims.latent_dim * dims.frames_per_second * config.max_duration  # mean + std, bf16
+        + 2 * dims.text_dim * _TEXT_TOKENS_ESTIMATE
+    )
+    return max(1, int(config.shard_size_mb * 1e6 // bytes_per_record))
+
+
+def _plan_hash(records: Sequence[Record]) -> str:
+    blob = json.dumps([r.to_dict() for r in records], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_marker(fs, root: str, index: int) -> ShardMarker | None:
+    path = f"{root}/{marker_name(index)}"
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as f:
+            return ShardMarker.from_json(f.read())
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _finished(fs, root: str, index: int, plan: str) -> ShardMarker | None:
+    """The marker of a shard that is complete, verified and of the current plan; else None."""
+    marker = _read_marker(fs, root, index)
+    tar = f"{root}/{shard_name(index)}"
+    if marker is None or getattr(marker, "plan", None) != plan or not fs.exists(tar):
+        return None
+    if file_sha256(fs, tar) != (marker.sha256, marker.bytes):
+        return None
+    return marker
+
+
+def _init_ray(address: str | None) -> bool:
+    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded cluster. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an embedded cluster needs no token file
+    ray.init(address="local", include_dashboard=False, object_store_memory=512 * 1024**2,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    return True
+
+
+def _encoder_pools(config: PrepConfig) -> tuple[int, int, float]:
+    """(VAE actors, text actors, GPUs per actor) sized to the cluster."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if config.encoder_actors:
+        per_gpu = 1.0 if gpus >= 2 * config.encoder_actors else (0.5 if gpus else 0.0)
+        return config.encoder_actors, config.encoder_actors, per_gpu
+    if gpus >= 2:
+        return gpus // 2, gpus - gpus // 2, 1.0
+    if gpus == 1:
+        return 1, 1, 0.5
+    return 1, 1, 0.0
+
+
+def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate: int):
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come back in input order: shards complete one by one
+    vae_actors, text_actors, gpus = _encoder_pools(config)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.flat_map(plan_windows, fn_kwargs={"config": config})
+    # A decode task holds one window (a 240 s window at 96 kHz peaks near 400 MB). Reserving that
+    # memory also keeps Ray from fusing the tasks into the VAE actors, where decoding would run
+    # one file at a time.
+    ds = ds.map(decode_row, fn_kwargs={"config": config, "sample_rate": sample_rate}, num_cpus=1,
+                memory=DECODE_TASK_MEMORY, **({"concurrency": config.decode_workers} if config.decode_workers else {}))
+    # On CPU the two encoder actors ask for half a CPU each, leaving whole CPUs to decode tasks
+    # (actors that held every CPU would starve the decoders and stall the job).
+    actor_cpus = 0 if gpus else 0.5
+    ds = ds.map(LatentEncoder, fn_constructor_kwargs={"model": model}, compute=ActorPoolStrategy(size=vae_actors),
+                num_gpus=gpus, num_cpus=actor_cpus)
+    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model": model, "config": config},
+                        batch_size=config.encode_batch_size, compute=ActorPoolStrategy(size=text_actors),
+                        num_gpus=gpus, num_cpus=actor_cpus)
+    return ds
+
+
+def _problems(row: dict) -> tuple[list[dict], list[dict]]:
+    source = json.loads(row["record"])["audio"]
+    warnings = [{"input": source, "stage": "decode", "reason": w} for w in json.loads(row["warnings"] or "[]")]
+    rejected = [] if row["status"] == OK else [{"input": source, "stage": row["stage"], "reason": row["reason"]}]
+    return rejected, warnings
+
+
+def run_prep(
+    source: str,
+    model: str,
+    out: str,
+    config: PrepConfig,
+    *,
+    address: str | None = None,
+    source_type: str | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> PrepResult:
+    import fsspec
+
+    started = time.time()
+    listing = load_source(source, config, source_type)
+    folder, layout = resolve_checkpoint(model)
+    dims = model_dimensions(folder, layout)
+    fingerprint = _fingerprint(model_fingerprint(folder, layout), config)
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+
+    state_path = f"{root}/{STATE_FILE}"
+    if fs.exists(state_path):
+        with fs.open(state_path, "r") as f:
+            previous = json.load(f)
+        if previous.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise UserError(
+                    f"{out} holds shards made with another model or prep config (fingerprint "
+                    f"{previous.get('fingerprint')} != {fingerprint}); pass --overwrite to replace them, or choose a new --out"
+                )
+        if overwrite and previous.get("fingerprint") != fingerprint:
+            for path in fs.glob(f"{root}/shard-*"):
+                fs.rm(path)
+    for path in fs.glob(f"{root}/*.tmp"):  # leftovers of a killed run
+        fs.rm(path)
+    with fs.open(state_path, "w") as f:
+        json.dump({"fingerprint": fingerprint, "model": model, "source": str(source), "config": config.model_dump()}, f, indent=1)
+
+    per_shard = _records_per_shard(config, dims)
+    shards = [listing.records[i : i + per_shard] for i in range(0, len(listing.records), per_shard)]
+    plans = [_plan_hash(members) for members in shards]
+    markers: dict[int, ShardMarker] = {}
+    for index, plan in enumerate(plans):
+        marker = _finished(fs, root, index, plan)
+        if marker is not None:
+            markers[index] = marker
+    for path in fs.glob(f"{root}/shard-*"):  # shards beyond the current plan (the source shrank)
+        name = path.rsplit("/", 1)[-1]
+        if int(name[6:12]) >= len(shards):
+            fs.rm(path)
+    todo = [index for index in range(len(shards)) if index not in markers]
+    log(f"prep: {len(listing.records)} inputs in {len(shards)} shards ({len(markers)} already finished), "
+        f"{len(listing.rejected)} rejected by the source")
+
+    if todo:
+        rows = [
+            {"shard": index, "index": position, "record": json.dumps(record.to_dict(), ensure_ascii=False)}
+            for index in todo for position, record in enumerate(shards[index])
+        ]
+        started_ray = _init_ray(address)
+        try:
+            # a hub id is passed on as is: each worker node fills its own cache; a path must be shared storage
+            model_ref = str(folder) if os.path.exists(model) else model
+            dataset = _build_dataset(rows, model_ref, config, dims.sample_rate)
+            pending: dict[int, list[dict]] = {}
+            expected = {index: len(shards[index]) for index in todo}
+            seen_inputs: dict[int, set] = {index: set() for index in todo}
+
+            def flush(index: int) -> None:
+                samples, rejected, warnings = [], [], []
+                for row in sorted(pending.pop(index, []), key=lambda r: (r["index"], r["window"])):
+                    bad, notes = _problems(row)
+                    rejected += bad
+                    warnings += notes
+                    if row["status"] == OK:
+                        samples.append(EncodedSample(row["key"], json.loads(row["meta"]), bytes(row["tensors"])))
+                marker = write_shard(fs, root, index, samples, rejected, warnings, fingerprint, plans[index])
+                markers[index] = marker
+                log(f"prep: wrote {shard_name(index)} ({len(samples)} samples, {marker.bytes / 1e6:.1f} MB)")
+
+            for row in dataset.iter_rows():
+                index = int(row["shard"])
+                pending.setdefault(index, []).append(row)
+                seen_inputs[index].add(int(row["index"]))
+                # windows of one input arrive together (input order): an input's rows are complete
+                # once a later input of the same shard, or another shard, shows up
+                for done in [i for i in pending if i != index and len(seen_inputs[i]) == expected[i]]:
+                    flush(done)
+            for index in list(pending):
+                flush(index)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+    return _finish(fs, root, out, listing, shards, markers, fingerprint, model, config, started, log)
+
+
+def _finish(fs, root, out, listing, shards, markers, fingerprint, model, config, started, log) -> PrepResult:
+    manifest, rejected, warnings = [], [p.to_dict() for p in listing.rejected], [p.to_dict() for p in listing.warnings]
+    total_bytes = 0
+    for index in range(len(shards)):
+        marker = markers[index]
+        manifest += marker.samples
+        rejected += marker.rejected
+        warnings += marker.warnings
+        total_bytes += marker.bytes
+    for name, rows in (("manifest.jsonl", manifest), ("errors.jsonl", rejected), ("warnings.jsonl", warnings)):
+        with fs.open(f"{root}/{name}.tmp", "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fs.mv(f"{root}/{name}.tmp", f"{root}/{name}")
+    inputs = len(listing.records) + len(listing.rejected)
+    accepted_inputs = {row["source"] for row in manifest}
+    rejected_inputs = {row["input"] for row in rejected} - accepted_inputs
+    report = {
+        "inputs": inputs,
+        "accepted": len(accepted_inputs),
+        "rejected": len(rejected_inputs),
+        "warned": len({row["input"] for row in warnings}),
+        "samples": len(manifest),
+        "shards": len(shards),
+        "audio_seconds": round(sum(row["duration"] for row in manifest), 3),
+        "bytes": total_bytes,
+        "wall_seconds": round(time.time() - started, 2),
+        "fingerprint": fingerprint,
+        "model": model,
+        "config": config.model_dump(),
+    }
+    with fs.open(f"{root}/prep_report.json", "w") as f:
+        json.dump(report, f, indent=1)
+    width = max(len(k) for k in report)
+    log("\n".join(["", "prep summary", "-" * 40] + [
+        f"{k:<{width}}  {v}" for k, v in report.items() if k not in ("config",)] + [f"output{' ' * (width - 6)}  {out}"]))
+    if report["samples"] == 0:
+        return PrepResult(report, EXIT_FATAL)
+    return PrepResult(report, EXIT_PARTIAL if report["rejected"] else EXIT_OK)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.prep", description=__doc__.splitlines()[0])
+    parser.add_argument("source")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--address")
+    parser.add_argument("--config")
+    parser.add_argument("--source-type")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key=value settings")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        config = load_config(PrepConfig, args.config, args.overrides)
+        result = run_prep(args.source, args.model, args.out, config, address=args.address,
+                          source_type=args.source_type, overwrite=args.overwrite)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return EXIT_FATAL
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
