@@ -101,6 +101,45 @@ def model_info(model_path: str) -> None:
     click.echo(json.dumps(info, indent=2))
 
 
+@cli.command()
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+@click.option("--model", required=True, help="diffusers folder, upstream checkpoint folder, or hub id")
+@click.option("--out", required=True, help="output folder (local path or fsspec URL)")
+@click.option("--address", help="Ray cluster to run on (default: an embedded local cluster)")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="prep YAML (see configs/prep/)")
+@click.option("--source-type", type=click.Choice(["folder", "manifest", "diffsynth", "acestep-json"]),
+              help="force the source kind instead of detecting it")
+@click.option("--overwrite", is_flag=True, help="replace shards made with another model or config")
+def prep(source, overrides, model, out, address, config_path, source_type, overwrite) -> None:
+    """Decode, encode and shard SOURCE for training. OVERRIDES are key=value prep settings.
+
+    Exit status: 0 when every input was written; 3 when some inputs were rejected (listed in
+    OUT/errors.jsonl) and the rest written; 1 on a fatal error. Rerunning resumes.
+    """
+    from pipelines.prep import run_prep
+
+    from .config import PrepConfig, load_config
+
+    config = load_config(PrepConfig, config_path, overrides)
+    result = run_prep(source, model, out, config, address=address, source_type=source_type, overwrite=overwrite,
+                      log=click.echo)
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("out")
+def inspect(out) -> None:
+    """Verify every shard in OUT (checksums, counts, tensor shapes) and summarise the dataset.
+
+    Writes OUT/inspect_report.json and OUT/inspect_report.png. Exit status 2 names each corrupt shard.
+    """
+    from .inspect_report import inspect_output
+
+    _report, code = inspect_output(out, log=click.echo)
+    sys.exit(code)
+
+
 def main() -> None:
     cli(prog_name="acedist")
 

@@ -37,8 +37,10 @@ def _reject(row: dict, stage: str, reason: str) -> dict:
     return {**row, "status": REJECTED, "stage": stage, "reason": reason}
 
 
-def _warn(row: dict, *messages: str) -> dict:
-    return {**row, "warnings": json.dumps(json.loads(row.get("warnings") or "[]") + list(messages))}
+def _warn(row: dict, stage: str, *messages: str) -> dict:
+    """Append warnings as ``[stage, message]`` pairs (JSON, so rows keep one flat schema)."""
+    notes = json.loads(row.get("warnings") or "[]") + [[stage, m] for m in messages]
+    return {**row, "warnings": json.dumps(notes)}
 
 
 def file_sha256(path: str) -> str:
@@ -79,7 +81,7 @@ def plan_windows(row: dict, config: PrepConfig) -> list[dict]:
         return [_reject(base, "probe", str(error))]
     except OSError as error:
         return [_reject(base, "probe", f"cannot read file: {error.strerror or error}")]
-    base = _warn(base, *info.warnings)
+    base = _warn(base, "probe", *info.warnings)
     if not math.isfinite(info.duration):
         # no duration in the container: decode from the start and let the decoded length decide
         windows, notes = [(0.0, config.max_duration)], []
@@ -87,7 +89,7 @@ def plan_windows(row: dict, config: PrepConfig) -> list[dict]:
         if info.duration < config.min_duration:
             return [_reject(base, "probe", f"too short: {info.duration:.2f} s < minimum {config.min_duration:.2f} s")]
         windows, notes = window_offsets(info.duration, config, record.key)
-    base = _warn(base, *notes)
+    base = _warn(base, "plan", *notes)
     base["sha256"] = file_sha256(record.audio)
     rows = []
     for index, (offset, length) in enumerate(windows):
@@ -107,7 +109,7 @@ def decode_row(row: dict, config: PrepConfig, sample_rate: int) -> dict:
         return _reject(row, "decode", str(error))
     except Exception as error:  # a decoder crash must cost this file only
         return _reject(row, "decode", f"{type(error).__name__}: {error}")
-    row = _warn(row, *window.warnings)
+    row = _warn(row, "decode", *window.warnings)
     if window.zero_fraction > config.silence_fraction:
         return _reject(row, "decode", f"silent audio: {100 * window.zero_fraction:.1f} % exact zeros "
                                       f"(limit {100 * config.silence_fraction:.0f} %)")

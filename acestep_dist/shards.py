@@ -163,3 +163,50 @@ def _finish(raw: dict[str, Any]) -> dict[str, Any]:
     sample = {"key": raw["key"], "meta": json.loads(raw[META_FIELD])}
     sample.update(unpack_tensors(raw[TENSOR_FIELD]))
     return sample
+
+
+@dataclass
+class ShardCheck:
+    shard: str
+    problems: list[str]
+    samples: list[dict[str, Any]]  # key, meta and tensor shapes of each readable sample
+
+
+def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
+    """Checksum, member count and tensor shapes of one shard against its marker."""
+    name = shard_name(marker.index)
+    path = f"{root}/{name}"
+    if not fs.exists(path):
+        return ShardCheck(name, ["missing shard file"], [])
+    problems: list[str] = []
+    digest, size = file_sha256(fs, path)
+    if (digest, size) != (marker.sha256, marker.bytes):
+        problems.append(f"checksum mismatch: sha256 {digest[:12]}... ({size} bytes), marker says "
+                        f"{marker.sha256[:12]}... ({marker.bytes} bytes)")
+    expected = {row["key"]: row for row in marker.samples}
+    seen: list[dict[str, Any]] = []
+    try:
+        with fs.open(path, "rb") as f:
+            for sample in iter_samples(f):
+                row = expected.get(sample["key"])
+                if row is None:
+                    problems.append(f"sample {sample['key']!r} is not in the manifest")
+                    continue
+                shapes = {k: tuple(sample[k].shape) for k in TENSOR_DTYPES if k in sample}
+                want = {"latent_mean": row["frames"], "latent_std": row["frames"], "text_states": row["text_tokens"],
+                        "lyric_ids": row["lyric_tokens"]}
+                for tensor, length in want.items():
+                    if tensor not in sample:
+                        problems.append(f"sample {sample['key']!r} lacks tensor {tensor}")
+                    elif sample[tensor].shape[0] != length or sample[tensor].dtype != TENSOR_DTYPES[tensor]:
+                        problems.append(f"sample {sample['key']!r}: {tensor} is {list(sample[tensor].shape)} "
+                                        f"{sample[tensor].dtype}, manifest says {length} rows of {TENSOR_DTYPES[tensor]}")
+                if "latent_mean" in sample and "latent_std" in sample and sample["latent_mean"].shape != sample["latent_std"].shape:
+                    problems.append(f"sample {sample['key']!r}: latent mean and std shapes differ")
+                seen.append({"key": sample["key"], "meta": sample["meta"], "shapes": shapes})
+    except Exception as error:  # corruption shows up as any of tarfile, safetensors, JSON or UTF-8 errors
+        problems.append(f"cannot read: {type(error).__name__}: {error}")
+    missing = set(expected) - {s["key"] for s in seen}
+    if missing and not any(p.startswith("cannot read") for p in problems):
+        problems.append(f"{len(missing)} manifest samples missing from the shard (e.g. {sorted(missing)[0]!r})")
+    return ShardCheck(name, problems, seen)

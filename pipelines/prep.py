@@ -142,7 +142,7 @@ def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate
 
 def _problems(row: dict) -> tuple[list[dict], list[dict]]:
     source = json.loads(row["record"])["audio"]
-    warnings = [{"input": source, "stage": "decode", "reason": w} for w in json.loads(row["warnings"] or "[]")]
+    warnings = [{"input": source, "stage": stage, "reason": w} for stage, w in json.loads(row["warnings"] or "[]")]
     rejected = [] if row["status"] == OK else [{"input": source, "stage": row["stage"], "reason": row["reason"]}]
     return rejected, warnings
 

@@ -42,6 +42,7 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
 
 
 def list_folder(folder: Path, config: PrepConfig) -> SourceListing:
+    folder = folder.resolve()  # records carry absolute paths: workers and reruns read the same files
     if not folder.is_dir():
         raise SourceError(f"{folder} is not a folder")
     audio = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)

@@ -1,0 +1,129 @@
+"""`acedist inspect DIR`: verify every shard against its marker and the manifest, summarise the
+dataset, and write ``inspect_report.json`` and ``inspect_report.png`` into DIR."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+from .shards import ShardMarker, verify_shard
+
+EXIT_VERIFIED, EXIT_CORRUPT = 0, 2
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=float)
+    return {"min": float(array.min()), "median": float(np.median(array)), "mean": float(array.mean()),
+            "max": float(array.max())}
+
+
+def _plot(path_open, stats: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    panels = [
+        ("duration (s)", stats["_durations"]),
+        ("bpm", stats["_bpms"]),
+        ("text tokens", stats["_text_tokens"]),
+        ("lyric tokens", stats["_lyric_tokens"]),
+    ]
+    for ax, (title, values) in zip(axes.flat, panels):
+        ax.hist(values or [0], bins=min(30, max(5, len(values))), color="#4a7ab5")
+        ax.set_title(title)
+    for ax, (title, counter) in zip(list(axes.flat)[4:], [("key", stats["keys"]), ("language", stats["languages"])]):
+        items = counter.most_common(12) or [("none", 0)]
+        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#b5794a")
+        ax.set_title(title)
+    fig.suptitle(f"{stats['samples']} samples, {stats['hours']:.3f} h")
+    fig.tight_layout()
+    with path_open() as f:
+        fig.savefig(f, format="png", dpi=80)
+    plt.close(fig)
+
+
+def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[str, Any], int]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    marker_paths = sorted(fs.glob(f"{root}/shard-*.json"))
+    if not marker_paths:
+        raise UserError(f"{out}: no shards (shard-*.json markers) found; is this an `acedist prep` output?")
+    problems: dict[str, list[str]] = {}
+    samples: list[dict[str, Any]] = []
+    manifest_keys: list[str] = []
+    for path in marker_paths:
+        name = path.rsplit("/", 1)[-1]
+        try:
+            with fs.open(path, "r") as f:
+                marker = ShardMarker.from_json(f.read())
+        except (ValueError, TypeError, KeyError) as error:
+            problems[name] = [f"unreadable marker: {error}"]
+            continue
+        manifest_keys += [row["key"] for row in marker.samples]
+        check = verify_shard(fs, root, marker)
+        if check.problems:
+            problems[check.shard] = check.problems
+        samples += check.samples
+    manifest_path = f"{root}/manifest.jsonl"
+    if fs.exists(manifest_path):
+        with fs.open(manifest_path, "r") as f:
+            listed = [json.loads(line)["key"] for line in f if line.strip()]
+        if sorted(listed) != sorted(manifest_keys):
+            problems["manifest.jsonl"] = [f"lists {len(listed)} samples, the shard markers {len(manifest_keys)}"]
+    else:
+        problems["manifest.jsonl"] = ["missing (prep did not finish?)"]
+
+    metas = [s["meta"] for s in samples]
+    stats: dict[str, Any] = {
+        "samples": len(samples),
+        "shards": len(marker_paths),
+        "hours": sum(m["duration"] for m in metas) / 3600,
+        "_durations": [m["duration"] for m in metas],
+        "_bpms": [m["bpm"] for m in metas if m.get("bpm")],
+        "_text_tokens": [m["text_tokens"] for m in metas],
+        "_lyric_tokens": [m["lyric_tokens"] for m in metas],
+        "keys": Counter(m.get("keyscale") or "unknown" for m in metas),
+        "languages": Counter(m.get("language") or "unknown" for m in metas),
+        "with_lyrics": sum(1 for m in metas if m.get("lyrics")),
+        "caption_chars": _spread([len(m["caption"]) for m in metas]),
+    }
+    for name in ("durations", "bpms", "text_tokens", "lyric_tokens"):
+        stats[name.rstrip("s") if name == "durations" else name] = _spread(stats[f"_{name}"])
+    _plot(lambda: fs.open(f"{root}/inspect_report.png", "wb"), stats)
+    report = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in stats.items() if not k.startswith("_")}
+    report["problems"] = problems
+    with fs.open(f"{root}/inspect_report.json", "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+
+    def line(label: str, spread: dict[str, float], unit: str = "") -> str:
+        if not spread:
+            return f"{label:<14} -"
+        return f"{label:<14} min {spread['min']:.1f}{unit}  median {spread['median']:.1f}{unit}  max {spread['max']:.1f}{unit}"
+
+    log(f"{out}: {stats['samples']} samples in {stats['shards']} shards, {stats['hours']:.3f} hours, "
+        f"{stats['with_lyrics']} with lyrics")
+    log(line("duration", report["duration"], " s"))
+    log(line("bpm", report["bpms"]))
+    log(line("text tokens", report["text_tokens"]))
+    log(line("lyric tokens", report["lyric_tokens"]))
+    log(line("caption chars", report["caption_chars"]))
+    log(f"{'keys':<14} " + ", ".join(f"{k} {v}" for k, v in stats["keys"].most_common(8)))
+    log(f"{'languages':<14} " + ", ".join(f"{k} {v}" for k, v in stats["languages"].most_common(8)))
+    log(f"report: {root}/inspect_report.json, plots: {root}/inspect_report.png")
+    if problems:
+        for shard, reasons in problems.items():
+            for reason in reasons:
+                log(f"CORRUPT {shard}: {reason}")
+        return report, EXIT_CORRUPT
+    log("all shards verified")
+    return report, EXIT_VERIFIED
