@@ -45,3 +45,23 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xl(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory, "xl-sft")
+
+
+@pytest.fixture(scope="session")
+def prep_model(tmp_path_factory) -> Path:
+    """A tiny turbo checkpoint with a 4-channel VAE latent: the cheapest VAE, so corpus preps stay fast."""
+    from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("prep-model") / "model", variant="turbo", latent_dim=4)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray instance for the in-process prep tests (each run would otherwise start its own)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -133,13 +133,22 @@ class AceStep15:
     def encode_text(self, records: Sequence[Record], max_tokens: int = TEXT_MAX_TOKENS) -> list[torch.Tensor]:
         """Per-record Qwen3 ``last_hidden_state`` of its own prompt, without padding: ``[L_i, D]``.
 
-        Rows are batched with right padding and no attention mask, exactly as inference runs the
-        encoder; causal attention makes each row's real tokens independent of the padding."""
+        Prompts of equal token length run together and others apart, so no row is ever padded: a
+        row's states are bit-identical whatever it is batched with (padding would change them by
+        float noise, and make prep's output depend on how rows happened to be batched)."""
         text_encoder, tokenizer = self._require("text_encoder", "tokenizer")
         device = next(text_encoder.parameters()).device
-        ids, mask = tokenize(tokenizer, [prompts.text_prompt(r) for r in records], max_tokens, device)
-        states = text_encoder(input_ids=ids).last_hidden_state
-        return [states[i, : int(mask[i].sum())].float().cpu() for i in range(len(records))]
+        ids = tokenizer([prompts.text_prompt(r) for r in records], truncation=True, max_length=max_tokens).input_ids
+        states: list[torch.Tensor | None] = [None] * len(records)
+        by_length: dict[int, list[int]] = {}
+        for i, row in enumerate(ids):
+            by_length.setdefault(len(row), []).append(i)
+        for rows in by_length.values():
+            batch = torch.tensor([ids[i] for i in rows], device=device)
+            hidden = text_encoder(input_ids=batch).last_hidden_state.float().cpu()
+            for slot, i in enumerate(rows):
+                states[i] = hidden[slot]
+        return states
 
     def tokenize_lyrics(self, records: Sequence[Record], max_tokens: int = LYRIC_MAX_TOKENS) -> list[torch.Tensor]:
         """Per-record lyric token ids (int32, unpadded) of the lyric template."""

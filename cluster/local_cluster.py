@@ -1,0 +1,115 @@
+"""Start or stop a local multi-node Ray cluster: several raylets on this machine, for tests and
+for trying `--address` without real nodes.
+
+    python cluster/local_cluster.py start --nodes 2 --port 6390 --temp-dir /tmp/acedist-cluster
+    acedist prep SONGS --model M --out OUT --address 127.0.0.1:6390
+    python cluster/local_cluster.py stop --temp-dir /tmp/acedist-cluster
+
+Each node runs `ray start --block` in its own process group, so `stop` ends exactly this
+cluster's processes (never `ray stop`, which kills every Ray process of the host). Node i gets the
+custom resource `node{i}` so work can be pinned or checked per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = "local_cluster.json"
+
+
+def cluster_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",  # Ray calls several raylets on one host a "Windows/OSX cluster"
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+    )
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_store_mb: int, timeout: float = 90.0) -> str:
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{port}"
+    common = ["--block", "--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_mb * 1024**2),
+              "--disable-usage-stats"]
+    pids = []
+    for index in range(nodes):
+        if index == 0:
+            command = [_ray_executable(), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                       "--temp-dir", str(temp_dir), "--include-dashboard=false"]
+        else:
+            command = [_ray_executable(), "start", "--address", address, "--node-ip-address", "127.0.0.1"]
+        command += common + ["--resources", json.dumps({f"node{index}": 1})]
+        log = open(temp_dir / f"node{index}.log", "w")
+        process = subprocess.Popen(command, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pids.append(process.pid)
+        (temp_dir / STATE).write_text(json.dumps({"address": address, "pids": pids}))
+        if index == 0:
+            _wait_for_nodes(address, 1, timeout)
+    _wait_for_nodes(address, nodes, timeout)
+    return address
+
+
+def _wait_for_nodes(address: str, count: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    probe = (f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
+             f"print(sum(1 for n in ray.nodes() if n['Alive']))")
+    while time.time() < deadline:
+        result = subprocess.run([sys.executable, "-c", probe], env=cluster_env(), capture_output=True, text=True, timeout=60)
+        if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"the local cluster at {address} did not reach {count} live nodes in {timeout:.0f} s")
+
+
+def stop(temp_dir: Path) -> None:
+    state_path = temp_dir / STATE
+    if not state_path.exists():
+        return
+    pids = json.loads(state_path.read_text())["pids"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in reversed(pids):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(2.0 if sig == signal.SIGTERM else 0)
+    state_path.unlink()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("start")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--port", type=int, default=6390)
+    up.add_argument("--cpus-per-node", type=int, default=1)
+    up.add_argument("--object-store-mb", type=int, default=300)
+    up.add_argument("--temp-dir", type=Path, required=True)
+    down = sub.add_parser("stop")
+    down.add_argument("--temp-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        print(start(args.nodes, args.port, args.temp_dir, args.cpus_per_node, args.object_store_mb))
+    else:
+        stop(args.temp_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""`acedist prep` end to end on the shared corpus with a tiny model on an embedded Ray cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from acestep_dist.config import PrepConfig
+from acestep_dist.errors import UserError
+from acestep_dist.shards import iter_samples
+from pipelines.prep import EXIT_OK, EXIT_PARTIAL, run_prep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    samples = {}
+    for tar in sorted(out.glob("shard-*.tar")):
+        with open(tar, "rb") as f:
+            for sample in iter_samples(f):
+                samples[sample["key"]] = sample
+    return samples
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def music(tmp_path_factory, corpus, prep_model, ray_session):
+    out = tmp_path_factory.mktemp("music") / "shards"
+    result = run_prep(str(corpus / "music"), str(prep_model), str(out), PrepConfig(shard_size_mb=0.05), log=lambda _: None)
+    return out, result
+
+
+def test_all_music_tracks_become_samples_with_their_metadata(music, corpus):
+    out, result = music
+    assert result.exit_code == EXIT_OK
+    with open(corpus / "music" / "metadata.csv", newline="") as f:
+        truth = {Path(row["file"]).stem: row for row in csv.DictReader(f)}
+    samples = _samples(out)
+    assert set(samples) == set(truth) and len(samples) == 12
+    for key, sample in samples.items():
+        meta, row = sample["meta"], truth[key]
+        assert meta["caption"] == row["caption"]
+        assert meta["bpm"] == int(row["bpm"])
+        assert meta["keyscale"] == row["keyscale"]
+        assert meta["timesignature"] == row["timesignature"]
+        assert (meta["language"] or "") == row["language"]
+        assert bool(meta["lyrics"]) == (row["has_lyrics"] == "true")
+        assert abs(meta["duration"] - float(row["duration_s"])) <= 0.05, key
+        assert len(meta["sha256"]) == 64 and meta["offset"] == 0.0 and meta["crop"] == "start"
+        frames = sample["latent_mean"].shape[0]
+        assert abs(frames - meta["duration"] * 25) <= 1
+        assert sample["latent_mean"].shape == sample["latent_std"].shape == (frames, 4)
+        assert sample["latent_mean"].dtype == torch.bfloat16 and sample["lyric_ids"].dtype == torch.int32
+        assert sample["text_states"].shape == (meta["text_tokens"], 64)
+        assert (sample["latent_std"] > 0).all()
+    report = json.loads((out / "prep_report.json").read_text())
+    assert (report["inputs"], report["accepted"], report["rejected"], report["samples"]) == (12, 12, 0, 12)
+    assert report["shards"] > 1 and report["bytes"] == sum(p.stat().st_size for p in out.glob("shard-*.tar"))
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {row["key"] for row in manifest} == set(samples)
+    assert (out / "errors.jsonl").read_text() == ""
+
+
+def test_rerun_keeps_finished_shards_and_refuses_another_config(music, prep_model, corpus):
+    out, _ = music
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    lines = []
+    result = run_prep(str(corpus / "music"), str(prep_model), str(out), PrepConfig(shard_size_mb=0.05), log=lines.append)
+    assert result.exit_code == EXIT_OK
+    assert f"({len(before)} already finished)" in lines[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before
+    with pytest.raises(UserError, match="another model or prep config.*--overwrite"):
+        run_prep(str(corpus / "music"), str(prep_model), str(out), PrepConfig(shard_size_mb=0.05, max_duration=30))
+
+
+def test_broken_inputs_are_handled_as_expected_md_says(tmp_path, corpus, prep_model):
+    """Through the CLI and its own embedded cluster: rejects with reasons, warnings, exit status 3."""
+    out = tmp_path / "broken"
+    result = subprocess.run(
+        [sys.executable, "-m", "acestep_dist.cli", "prep", str(corpus / "broken"), "--model", str(prep_model),
+         "--out", str(out), "max_duration=60"],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    assert result.returncode == EXIT_PARTIAL, result.stderr[-3000:]
+    errors = {Path(e["input"]).name: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    warnings = [json.loads(line) for line in (out / "warnings.jsonl").read_text().splitlines()]
+    warned = {Path(w["input"]).name: w["reason"] for w in warnings}
+    assert set(errors) == {"random_bytes.wav", "empty.mp3", "no_caption.wav", "too_short_200ms.wav", "silent_10s.wav"}
+    assert "not a decodable audio file" in errors["random_bytes.wav"]["reason"]
+    assert errors["empty.mp3"]["reason"] == "empty file"
+    assert errors["no_caption.wav"]["reason"] == "missing caption no_caption.txt"
+    assert errors["too_short_200ms.wav"]["reason"].startswith("too short: 0.20 s < minimum")
+    assert errors["silent_10s.wav"]["reason"].startswith("silent audio")
+    assert "extension .ogg does not match content (WAV/PCM)" in warned["wav_data_with_ogg_extension.ogg"]
+    assert "720 s exceeds max 60 s; cropped" in warned["long_12min.mp3"]
+    assert warned["long_caption.mp3"].startswith("caption longer than limit")
+    samples = _samples(out)
+    assert set(samples) == {"hires_96k_24bit", "long_12min", "long_caption", "pcm_u8", "wav_data_with_ogg_extension"}
+    assert samples["long_caption"]["meta"]["caption"].startswith(
+        "irish folk, slow air, solo oboe, traditional, moderate tempo, G major, 3/4")
+    assert abs(samples["long_12min"]["meta"]["duration"] - 60.0) <= 0.05
+    assert abs(samples["hires_96k_24bit"]["meta"]["duration"] - 6.0) <= 0.01
+    assert "summary" in result.stdout and "rejected" in result.stdout
+
+
+def _complete(tar: Path) -> bool:
+    try:
+        with open(tar, "rb") as f:
+            return sum(1 for _ in iter_samples(f)) > 0
+    except (tarfile.TarError, ValueError, OSError):
+        return False
+
+
+def test_killed_prep_resumes_to_the_same_samples(tmp_path, corpus, prep_model, ray_session):
+    settings = ["max_duration=6", "shard_size_mb=0.001"]  # one song per shard, short windows
+    reference = tmp_path / "reference"
+    config = PrepConfig(max_duration=6, shard_size_mb=0.001)
+    assert run_prep(str(corpus / "music"), str(prep_model), str(reference), config, log=lambda _: None).exit_code == EXIT_OK
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.prep", str(corpus / "music"), "--model", str(prep_model), "--out", str(out),
+         *settings], env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(out.glob("shard-*.json"))) < 3:
+            for tar in out.glob("shard-*.tar"):  # a visible shard is always complete
+                assert _complete(tar), tar
+            time.sleep(0.05)
+        assert len(list(out.glob("shard-*.json"))) >= 3, "prep did not get going"
+        os.kill(process.pid, signal.SIGKILL)  # the driver
+        process.wait(timeout=30)
+    finally:
+        time.sleep(1)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the embedded cluster it started
+        except ProcessLookupError:
+            pass
+    finished = len(list(out.glob("shard-*.json")))
+    assert finished < 12, "the run finished before it was killed"
+    for tar in out.glob("shard-*.tar"):
+        assert _complete(tar), tar
+
+    lines = []
+    assert run_prep(str(corpus / "music"), str(prep_model), str(out), config, log=lines.append).exit_code == EXIT_OK
+    assert f"({finished} already finished)" in lines[0] or f"({finished - 1} already finished)" in lines[0]
+    assert not list(out.glob("*.tmp"))
+    expected, got = _samples(reference), _samples(out)
+    assert set(got) == set(expected) and len(got) == 12
+    for key in expected:
+        assert got[key]["meta"] == expected[key]["meta"]
+        for tensor in ("latent_mean", "latent_std", "text_states", "lyric_ids"):
+            assert torch.equal(got[key][tensor], expected[key][tensor]), (key, tensor)
+
+
+def test_inspect_verifies_and_detects_a_flipped_byte(music, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(music[0], out)
+    command = [sys.executable, "-m", "acestep_dist.cli", "inspect", str(out)]
+    ok = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "12 samples" in ok.stdout and "all shards verified" in ok.stdout
+    assert (out / "inspect_report.png").stat().st_size > 1000
+    report = json.loads((out / "inspect_report.json").read_text())
+    assert report["samples"] == 12 and report["languages"]["de"] == 7
+
+    victim = sorted(out.glob("shard-*.tar"))[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    bad = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert bad.returncode == 2
+    assert f"CORRUPT {victim.name}: checksum mismatch" in bad.stdout

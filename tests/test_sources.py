@@ -1,0 +1,114 @@
+"""Every source kind becomes the same records; bad rows are rejected with a reason."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from acestep_dist.config import PrepConfig
+from acestep_dist.sources import SourceError, load_source
+from acestep_dist.sources.base import make_key
+
+
+@pytest.fixture
+def songs(tmp_path, corpus):
+    folder = tmp_path / "songs"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(corpus / "music" / "piano_mozart_k545_allegro.wav", folder / "a.wav")
+    shutil.copy(corpus / "music" / "piano_joplin_maple_leaf_rag.mp3", folder / "sub" / "b.mp3")
+    shutil.copy(corpus / "music" / "piano_joplin_maple_leaf_rag.mp3", folder / "sub" / "b.flac")  # same stem
+    (folder / "a.txt").write_text("solo piano, classical\n")
+    (folder / "a_lyrics.txt").write_text("[verse]\nla la\n")
+    (folder / "sub" / "b.txt").write_text("ragtime piano")
+    (folder / "sub" / "b.lyrics").write_text("[verse]\nshould be ignored with a custom pattern")
+    (folder / "sub" / "metadata.csv").write_text("file,bpm,keyscale,timesignature,language\nb.mp3,88.0,Ab major,2/4,en\n")
+    return folder
+
+
+def test_folder_with_sidecars_metadata_and_custom_lyric_names(songs):
+    listing = load_source(songs, PrepConfig(lyrics_file="{stem}_lyrics.txt"))
+    by_file = {r.audio.split("songs/")[1]: r for r in listing.records}
+    # sorted inputs; the second file with stem sub/b gets a suffix
+    assert {name: r.key for name, r in by_file.items()} == {"a.wav": "a", "sub/b.flac": "sub/b", "sub/b.mp3": "sub/b_1"}
+    assert by_file["a.wav"].caption == "solo piano, classical" and by_file["a.wav"].lyrics == "[verse]\nla la"
+    mp3 = by_file["sub/b.mp3"]
+    assert mp3.lyrics is None  # b.lyrics does not match {stem}_lyrics.txt
+    assert (mp3.bpm, mp3.keyscale, mp3.timesignature, mp3.language) == (88, "Ab major", "2", "en")
+    assert by_file["sub/b.flac"].bpm is None  # metadata rows belong to their own file only
+    assert by_file["sub/b.flac"].caption == "ragtime piano"  # sidecars go by stem
+    assert all(r.audio.startswith("/") for r in listing.records)
+
+
+def test_missing_caption_is_rejected_or_warned(songs):
+    (songs / "a.txt").unlink()
+    listing = load_source(songs, PrepConfig())
+    assert [p.reason for p in listing.rejected] == ["missing caption a.txt"]
+    listing = load_source(songs, PrepConfig(allow_missing_caption=True))
+    assert "a" in {r.key for r in listing.records}
+    assert any("missing caption a.txt" in p.reason for p in listing.warnings)
+
+
+def test_canonical_manifest_jsonl_and_csv(songs, tmp_path):
+    rows = [
+        {"audio": "songs/a.wav", "caption": "piano", "lyrics": "[verse]\nhi", "bpm": 120, "keyscale": "C major",
+         "timesignature": 4, "language": "en", "repeat": 3, "alt_captions": ["calm piano"]},
+        {"audio": str(songs / "sub" / "b.mp3"), "caption": "rag", "key": "my.key"},
+        {"audio": "songs/missing.wav", "caption": "x"},
+        {"audio": "songs/a.wav"},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    listing = load_source(manifest, PrepConfig())
+    assert [r.key for r in listing.records] == ["songs/a", "my_key"]
+    first = listing.records[0]
+    assert (first.repeat, first.alt_captions, first.timesignature, first.bpm) == (3, ("calm piano",), "4", 120)
+    reasons = sorted(p.reason for p in listing.rejected)
+    assert reasons[0].startswith("audio file not found") and reasons[1].startswith("missing caption")
+
+    csv_path = tmp_path / "m.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["audio", "caption", "bpm"])
+        writer.writeheader()
+        writer.writerow({"audio": "songs/a.wav", "caption": "piano", "bpm": ""})
+    listing = load_source(csv_path, PrepConfig())
+    assert listing.records[0].bpm is None and listing.records[0].caption == "piano"
+
+
+def test_diffsynth_and_acestep_json(songs, tmp_path):
+    (songs / "metadata.json").write_text(json.dumps([
+        {"audio": "a.wav", "prompt": "piano", "lyrics": "[verse]\nx", "vocal_language": "de", "bpm": 90},
+    ]))
+    listing = load_source(songs, PrepConfig(), source_type="diffsynth")
+    assert listing.records[0].caption == "piano" and listing.records[0].language == "de"
+
+    builder = tmp_path / "dataset.json"
+    builder.write_text(json.dumps({"samples": [
+        {"audio_path": str(songs / "a.wav"), "caption": "piano", "lyrics": "[Instrumental]", "is_instrumental": True,
+         "bpm": 100, "keyscale": "G major", "timesignature": "3", "language": "en", "duration": 20.0},
+    ]}))
+    listing = load_source(builder, PrepConfig())
+    record = listing.records[0]
+    assert record.lyrics is None and record.keyscale == "G major" and record.bpm == 100
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        load_source(tmp_path / "nope", PrepConfig())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no audio files"):
+        load_source(tmp_path / "empty", PrepConfig())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(SourceError, match="not valid JSONL"):
+        load_source(bad, PrepConfig())
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("path,text\nx,y\n")
+    with pytest.raises(SourceError, match="no 'audio' or 'audio_path' column"):
+        load_source(wrong, PrepConfig())
+
+
+@pytest.mark.parametrize("stem, key", [("a.b/c.d", "a_b/c_d"), ("../../etc/passwd", "etc/passwd"), ("/abs/x", "abs/x"),
+                                       ("sp ace", "sp_ace")])
+def test_keys_are_safe_tar_names(stem, key):
+    assert make_key(stem) == key
