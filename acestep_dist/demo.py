@@ -1,15 +1,17 @@
 """`make demo`: the whole chain on a tiny random-weight model, as far as the chain exists.
 
 Stages so far: build a tiny ACE-Step 1.5 checkpoint -> synthesise captioned clips with lyrics
-(SimpleTuner folder layout) -> encode them with the model (latent stats, text states, lyric ids)
-and take the variant's training loss -> render a wav with the family sampler (diffusers'
-AceStepPipeline). Prep, train and export join as their issues land; nothing here is faked.
+(SimpleTuner folder layout) -> `acedist prep` them into WebDataset shards on an embedded Ray
+cluster -> `acedist inspect` the shards -> take the variant's training loss on a batch read from the
+shards and render a wav with the family sampler (diffusers' AceStepPipeline). Training and export
+join as their issues land; nothing here is faked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,56 +63,63 @@ def _stage(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def _acedist(*args: str, allowed=(0,)) -> None:
+    code = subprocess.run([sys.executable, "-m", "acestep_dist.cli", *args]).returncode
+    if code not in allowed:
+        raise SystemExit(f"acedist {' '.join(args)} failed with exit status {code}")
+
+
 def run(out: Path) -> dict:
     import torch
 
-    from .audio import read_audio_simple, write_audio
+    from .audio import write_audio
     from .families.ace_step_15 import AceStep15
     from .flow import per_sample_generators
     from .records import Record
+    from .shards import iter_samples
 
     torch.set_num_threads(1)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     report: dict = {}
     started = time.time()
 
-    _stage("1/4 tiny ACE-Step 1.5 checkpoint (acedist model tiny)")
+    _stage("1/5 tiny ACE-Step 1.5 checkpoint (acedist model tiny)")
     model_dir = out / "tiny-turbo"
-    subprocess.run([sys.executable, "-m", "acestep_dist.cli", "model", "tiny", "--out", str(model_dir)], check=True)
+    _acedist("model", "tiny", "--out", str(model_dir))
 
-    _stage("2/4 synthesise captioned clips")
+    _stage("2/5 synthesise captioned clips with lyrics")
     clips = synthesize_clips(out / "songs")
     print(f"{len(clips)} clips in {out / 'songs'}")
 
-    _stage("3/4 encode the clips and take the training loss")
-    family = AceStep15.load(model_dir)
-    records, samples = [], []
-    for (name, caption, lyrics, bpm, key, ts, _root), path in zip(CLIPS, clips):
-        audio, rate = read_audio_simple(path)
-        # The prep stage resamples with soxr; the demo's clips are synthesised at 44.1 kHz.
-        import soxr
+    _stage("3/5 prep to WebDataset shards on an embedded Ray cluster (acedist prep)")
+    shards = out / "shards"
+    _acedist("prep", str(out / "songs"), "--model", str(model_dir), "--out", str(shards))
 
-        wave = torch.from_numpy(soxr.resample(audio.T, rate, family.sample_rate, quality="HQ").T.copy())
-        record = Record(key=name, audio=str(path), caption=caption, lyrics=lyrics, bpm=bpm, keyscale=key,
-                        timesignature=ts, language="en" if lyrics else None, duration=wave.shape[1] / family.sample_rate)
-        stats = family.encode_audio(wave)
-        records.append(record)
-        samples.append({"latent_mean": stats.mean, "latent_std": stats.std})
-    for sample, states, ids in zip(samples, family.encode_text(records), family.tokenize_lyrics(records)):
-        sample.update(text_states=states, lyric_ids=ids)
+    _stage("4/5 verify the shards (acedist inspect)")
+    _acedist("inspect", str(shards))
+
+    _stage("5/5 training loss on a batch from the shards; render a wav (untrained model: expect noise)")
+    family = AceStep15.load(model_dir)
+    samples = []
+    for tar in sorted(shards.glob("shard-*.tar")):
+        with open(tar, "rb") as f:
+            samples += list(iter_samples(f))
     batch = family.collate(samples)
     with torch.no_grad():
-        loss, per_sample = family.training_loss(batch, per_sample_generators(range(len(samples))))
-    print(f"variant {family.variant.name}: latents {tuple(batch.latent_mean.shape)}, loss {loss.item():.4f}")
+        loss, _ = family.training_loss(batch, per_sample_generators(range(len(samples))))
+    print(f"variant {family.variant.name}: batch latents {tuple(batch.latent_mean.shape)}, loss {loss.item():.4f}")
     report["loss"] = loss.item()
-
-    _stage("4/4 render a wav with the family sampler (untrained model: expect noise)")
-    audio = family.generate(records[0], duration=4.0, seed=0)
+    meta = samples[0]["meta"]
+    record = Record(key="demo", caption=meta["caption"], lyrics=meta["lyrics"], bpm=meta["bpm"],
+                    keyscale=meta["keyscale"], timesignature=meta["timesignature"], language=meta["language"])
+    audio = family.generate(record, duration=4.0, seed=0)
     wav = write_audio(out / "sample.wav", audio[0].numpy(), family.sample_rate)
     print(f"wrote {wav} ({audio.shape[-1] / family.sample_rate:.1f} s, {family.sample_rate} Hz)")
-    report.update(sample=str(wav), seconds=round(time.time() - started, 1))
+    report.update(samples=len(samples), sample=str(wav), seconds=round(time.time() - started, 1))
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\ndemo finished in {report['seconds']} s; report in {out / 'demo_report.json'}")
     return report

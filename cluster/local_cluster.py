@@ -89,7 +89,7 @@ def stop(temp_dir: Path) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(2.0 if sig == signal.SIGTERM else 0)
-    state_path.unlink()
+    state_path.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:

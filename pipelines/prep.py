@@ -100,19 +100,36 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
-def _encoder_pools(config: PrepConfig) -> tuple[int, int, float]:
-    """(VAE actors, text actors, GPUs per actor) sized to the cluster."""
+@dataclass(frozen=True)
+class Resources:
+    vae_actors: int
+    text_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    cpus_per_task: float
+
+
+def _plan_resources(config: PrepConfig) -> Resources:
+    """Actor pools and per-task CPUs sized to the cluster.
+
+    With GPUs each encoder actor takes a GPU (or half of the only one) and no CPU. On CPUs only,
+    a small cluster (< 4 CPUs, e.g. two 1-CPU nodes) gets half-CPU actors and tasks: whole-CPU
+    requests would fragment (an actor holding half of each node's only CPU) and stall the job.
+    """
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    small = cpus < 4
+    cpu_actor, cpu_task = (0.5, 0.5) if small else (1.0, 1.0)
     if config.encoder_actors:
         per_gpu = 1.0 if gpus >= 2 * config.encoder_actors else (0.5 if gpus else 0.0)
-        return config.encoder_actors, config.encoder_actors, per_gpu
+        return Resources(config.encoder_actors, config.encoder_actors, per_gpu, 0.0 if gpus else cpu_actor, cpu_task)
     if gpus >= 2:
-        return gpus // 2, gpus - gpus // 2, 1.0
+        return Resources(gpus // 2, gpus - gpus // 2, 1.0, 0.0, cpu_task)
     if gpus == 1:
-        return 1, 1, 0.5
-    return 1, 1, 0.0
+        return Resources(1, 1, 0.5, 0.0, cpu_task)
+    return Resources(1, 1, 0.0, cpu_actor, cpu_task)
 
 
 def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate: int):
@@ -121,22 +138,19 @@ def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate
 
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come back in input order: shards complete one by one
-    vae_actors, text_actors, gpus = _encoder_pools(config)
+    plan = _plan_resources(config)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.flat_map(plan_windows, fn_kwargs={"config": config})
+    ds = ds.flat_map(plan_windows, fn_kwargs={"config": config}, num_cpus=plan.cpus_per_task)
     # A decode task holds one window (a 240 s window at 96 kHz peaks near 400 MB). Reserving that
     # memory also keeps Ray from fusing the tasks into the VAE actors, where decoding would run
     # one file at a time.
-    ds = ds.map(decode_row, fn_kwargs={"config": config, "sample_rate": sample_rate}, num_cpus=1,
+    ds = ds.map(decode_row, fn_kwargs={"config": config, "sample_rate": sample_rate}, num_cpus=plan.cpus_per_task,
                 memory=DECODE_TASK_MEMORY, **({"concurrency": config.decode_workers} if config.decode_workers else {}))
-    # On CPU the two encoder actors ask for half a CPU each, leaving whole CPUs to decode tasks
-    # (actors that held every CPU would starve the decoders and stall the job).
-    actor_cpus = 0 if gpus else 0.5
-    ds = ds.map(LatentEncoder, fn_constructor_kwargs={"model": model}, compute=ActorPoolStrategy(size=vae_actors),
-                num_gpus=gpus, num_cpus=actor_cpus)
+    ds = ds.map(LatentEncoder, fn_constructor_kwargs={"model": model}, compute=ActorPoolStrategy(size=plan.vae_actors),
+                num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model": model, "config": config},
-                        batch_size=config.encode_batch_size, compute=ActorPoolStrategy(size=text_actors),
-                        num_gpus=gpus, num_cpus=actor_cpus)
+                        batch_size=config.encode_batch_size, compute=ActorPoolStrategy(size=plan.text_actors),
+                        num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor)
     return ds
 
 
