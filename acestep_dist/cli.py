@@ -108,7 +108,7 @@ def model_info(model_path: str) -> None:
 @click.option("--out", required=True, help="output folder (local path or fsspec URL)")
 @click.option("--address", help="Ray cluster to run on (default: an embedded local cluster)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="prep YAML (see configs/prep/)")
-@click.option("--source-type", type=click.Choice(["folder", "manifest", "diffsynth", "acestep-json"]),
+@click.option("--source-type", type=click.Choice(["folder", "hf", "manifest", "diffsynth", "acestep-json"]),
               help="force the source kind instead of detecting it")
 @click.option("--overwrite", is_flag=True, help="replace shards made with another model or config")
 def prep(source, overrides, model, out, address, config_path, source_type, overwrite) -> None:

@@ -33,6 +33,11 @@ class PrepConfig(_Settings):
     allow_missing_caption: bool = Field(False, description="accept audio without a caption (empty caption, warning)")
     lyrics_file: str = Field("{stem}.lyrics", description="lyric sidecar name, e.g. {stem}_lyrics.txt")
     caption_file: str = Field("{stem}.txt", description="caption sidecar name")
+    audio_caption_fields: list[str] = Field(["caption", "prompt", "tags"], min_length=1,
+                                            description="HF datasets: caption columns, first non-empty wins")
+    lyrics_column: str = Field("lyrics", description="HF datasets: the lyrics column")
+    audio_column: str = Field("audio", description="HF datasets: Audio column or path column")
+    dataset_split: str = Field("train", description="HF datasets: the split to prepare")
     text_max_tokens: int = Field(256, gt=0)
     lyric_max_tokens: int = Field(2048, gt=0)
     shard_size_mb: float = Field(256.0, gt=0, description="target size of one WebDataset shard")

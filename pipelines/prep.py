@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from acestep_dist.config import PrepConfig, load_config
@@ -175,7 +176,8 @@ def run_prep(
     import fsspec
 
     started = time.time()
-    listing = load_source(source, config, source_type)
+    local_out = "://" not in out
+    listing = load_source(source, config, source_type, cache_dir=Path(out) / "source_audio" if local_out else None)
     folder, layout = resolve_checkpoint(model)
     dims = model_dimensions(folder, layout)
     fingerprint = _fingerprint(model_fingerprint(folder, layout), config)

@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,44 @@ def test_bad_sources(tmp_path):
                                        ("sp ace", "sp_ace")])
 def test_keys_are_safe_tar_names(stem, key):
     assert make_key(stem) == key
+
+
+def test_hugging_face_dataset_with_an_audio_column(songs, tmp_path):
+    import datasets
+
+    wav = songs / "a.wav"
+    # An Audio column as other tools write it. datasets encodes Audio values only through torchcodec
+    # (not installable beside CPU torch), so build the column's Arrow storage and cast it.
+    storage = datasets.Features({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
+    features = datasets.Features({"audio": storage, "tags": datasets.List(datasets.Value("string")),
+                                  "text_lyrics": datasets.Value("string"), "bpm": datasets.Value("int32")})
+    dataset = datasets.Dataset.from_dict({
+        "audio": [{"path": str(wav), "bytes": None}, {"bytes": wav.read_bytes(), "path": "inside.wav"}],
+        "tags": [["piano", "classical"], ["piano"]],
+        "text_lyrics": ["[verse]\nla", None],
+        "bpm": [120, None],
+    }, features=features).cast_column("audio", datasets.Audio(decode=False))
+    assert isinstance(dataset.features["audio"], datasets.Audio)
+    saved = tmp_path / "hf"
+    dataset.save_to_disk(str(saved))
+    config = PrepConfig(audio_caption_fields=["caption", "tags"], lyrics_column="text_lyrics")
+    listing = load_source(saved, config, cache_dir=tmp_path / "cache")
+    assert [r.caption for r in listing.records] == ["piano, classical", "piano"]
+    assert listing.records[0].lyrics == "[verse]\nla" and listing.records[0].bpm == 120
+    for record in listing.records:  # datasets may embed files on save: every record gets a readable file
+        assert Path(record.audio).read_bytes() == wav.read_bytes()
+    with pytest.raises(SourceError, match="no split 'test'"):
+        datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "dd"))
+        load_source(tmp_path / "dd", PrepConfig(dataset_split="test"))
+
+
+def test_hugging_face_dataset_with_a_path_column(songs, tmp_path):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({
+        "filename": ["songs/a.wav", "songs/missing.wav"], "caption": ["piano", "x"], "lyrics": [None, None],
+    })
+    dataset.save_to_disk(str(tmp_path / "paths"))
+    listing = load_source(tmp_path / "paths", PrepConfig())  # paths resolve against the dataset's parent
+    assert [Path(r.audio).name for r in listing.records] == ["a.wav"]
+    assert [p.reason for p in listing.rejected] == ["audio file not found: songs/missing.wav"]

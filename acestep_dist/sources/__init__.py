@@ -11,9 +11,10 @@ from pathlib import Path
 from ..config import PrepConfig
 from .base import Problem, SourceError, SourceListing
 from .folder import list_folder
+from .hf import is_saved_dataset, list_hf_dataset
 from .manifest import FORMATS, list_manifest
 
-SOURCE_TYPES = ("folder",) + FORMATS
+SOURCE_TYPES = ("folder", "hf") + FORMATS
 _DIFFSYNTH_FILES = ("metadata.json", "metadata.jsonl", "metadata.csv")
 
 
@@ -23,16 +24,20 @@ def detect_source_type(path: Path) -> str:
             raise SourceError(f"{path}: a source file must be .jsonl, .csv or .json")
         return "metadata-file"
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
-            raise SourceError(f"{path} is a Hugging Face dataset folder; reading those lands with `acedist convert`")
-        return "folder"
+        return "hf" if is_saved_dataset(path) else "folder"
+    if len(str(path).split("/")) == 2 and not str(path).startswith((".", "/", "~")):
+        return "hf"  # org/name: a hub dataset
     raise SourceError(f"source {path} does not exist")
 
 
-def load_source(path: str | Path, config: PrepConfig, source_type: str | None = None) -> SourceListing:
-    path = Path(path)
+def load_source(path: str | Path, config: PrepConfig, source_type: str | None = None,
+                cache_dir: Path | None = None) -> SourceListing:
+    """``cache_dir`` receives audio stored inside a Hugging Face dataset (written once, by hash)."""
     if source_type is not None and source_type not in SOURCE_TYPES:
         raise SourceError(f"unknown source type {source_type!r}; known: {', '.join(SOURCE_TYPES)}")
+    if source_type == "hf" or (source_type is None and detect_source_type(Path(path)) == "hf"):
+        return list_hf_dataset(str(path), config, cache_dir)
+    path = Path(path)
     kind = detect_source_type(path)
     if kind == "folder":
         if source_type in FORMATS:

@@ -1,0 +1,115 @@
+"""Hugging Face datasets: a hub id or a ``save_to_disk`` folder, audio as an ``Audio`` column or a
+path column. Audio is never decoded by ``datasets`` (its decoder needs torchcodec): the column is
+read with ``Audio(decode=False)``; embedded bytes are written once to a cache folder and decoded
+by PyAV like any file. Caption fields and the lyrics column are configurable (SimpleTuner's
+``audio_caption_fields`` and ``lyrics_column``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from ..config import PrepConfig
+from ..records import Record
+from .base import Problem, SourceError, SourceListing, apply_text_limits, clean_optional, metadata_fields, unique_keys
+
+_AUDIO_FALLBACKS = ("audio", "filename", "file", "path", "audio_path")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def open_dataset(source: str | Path, split: str):
+    """A ``datasets.Dataset`` from a saved folder or a hub id (the split of a DatasetDict)."""
+    import datasets
+
+    try:
+        if Path(source).is_dir():
+            loaded = datasets.load_from_disk(str(source))
+        else:
+            loaded = datasets.load_dataset(str(source), split=split)
+    except FileNotFoundError as error:
+        raise SourceError(f"{source}: not a Hugging Face dataset ({error})") from None
+    except Exception as error:  # hub unreachable, unknown repo, bad files: one clear line
+        raise SourceError(f"{source}: cannot open as a Hugging Face dataset: {type(error).__name__}: {error}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise SourceError(f"{source}: no split {split!r} (has {', '.join(loaded)}); set dataset_split=")
+        loaded = loaded[split]
+    return loaded
+
+
+def _caption(row: dict[str, Any], fields: list[str]) -> str | None:
+    for name in fields:
+        value = row.get(name)
+        if isinstance(value, (list, tuple)):  # tag lists
+            value = ", ".join(str(v).strip() for v in value if clean_optional(v))
+        if isinstance(value, dict):  # e.g. upstream's recaption struct: not a caption by itself
+            continue
+        value = clean_optional(value)
+        if value:
+            return str(value)
+    return None
+
+
+def _audio_file(value: Any, root: Path, cache_dir: Path | None) -> Path:
+    """A local file for an Audio cell ({bytes, path}) or a path string."""
+    path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
+    if data:
+        if cache_dir is None:
+            raise ValueError("audio stored inside the dataset needs a cache folder")
+        digest = hashlib.sha256(data).hexdigest()[:24]
+        suffix = Path(path).suffix if isinstance(path, str) and Path(path).suffix else ".bin"
+        target = cache_dir / f"{digest}{suffix}"
+        if not target.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(target.suffix + ".tmp")
+            temporary.write_bytes(data)
+            temporary.replace(target)
+        return target
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError("no audio path or bytes")
+    candidate = Path(path)
+    for base in ([] if candidate.is_absolute() else [root, root.parent, Path.cwd()]):
+        if (base / candidate).is_file():
+            return (base / candidate).resolve()
+    if candidate.is_absolute() and candidate.is_file():
+        return candidate
+    raise ValueError(f"audio file not found: {path}")
+
+
+def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | None = None) -> SourceListing:
+    import datasets
+
+    dataset = open_dataset(source, config.dataset_split)
+    columns = list(dataset.column_names)
+    audio_column = config.audio_column if config.audio_column in columns else next(
+        (c for c in _AUDIO_FALLBACKS if c in columns), None)
+    if audio_column is None:
+        raise SourceError(f"{source}: no audio column ({config.audio_column!r}; found {', '.join(columns)}); set audio_column=")
+    if isinstance(dataset.features.get(audio_column), datasets.Audio):
+        dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
+    root = Path(source) if Path(source).is_dir() else Path.cwd()
+    listing = SourceListing()
+    entries = []
+    for index, row in enumerate(dataset):
+        where = f"{source}[{index}]"
+        try:
+            audio = _audio_file(row[audio_column], root, cache_dir)
+        except (ValueError, OSError) as error:
+            listing.rejected.append(Problem(where, "source", str(error)))
+            continue
+        caption = _caption(row, config.audio_caption_fields)
+        if caption is None and not config.allow_missing_caption:
+            listing.rejected.append(Problem(str(audio), "source", f"missing caption (fields {', '.join(config.audio_caption_fields)}; {where})"))
+            continue
+        lyrics = clean_optional(row.get(config.lyrics_column))
+        stem = clean_optional(row.get("key")) or clean_optional(row.get("keys")) or audio.stem
+        entries.append((str(stem), Record(key="", audio=str(audio), caption=caption or "",
+                                          lyrics=None if lyrics is None else str(lyrics), **metadata_fields(row)), where))
+    for (stem, record, where), key in zip(entries, unique_keys([e[0] for e in entries])):
+        listing.records.append(apply_text_limits(record.with_(key=key), config, where, listing.warnings))
+    return listing
