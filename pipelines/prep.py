@@ -195,7 +195,6 @@ def run_prep(
                     f"{out} holds shards made with another model or prep config (fingerprint "
                     f"{previous.get('fingerprint')} != {fingerprint}); pass --overwrite to replace them, or choose a new --out"
                 )
-        if overwrite and previous.get("fingerprint") != fingerprint:
             for path in fs.glob(f"{root}/shard-*"):
                 fs.rm(path)
     for path in fs.glob(f"{root}/*.tmp"):  # leftovers of a killed run
