@@ -232,7 +232,12 @@ def run_prep(
             expected = {index: len(shards[index]) for index in todo}
             seen_inputs: dict[int, set] = {index: set() for index in todo}
 
+            # Test hook: hang before writing this many-th shard, so a test can SIGKILL the driver at a known point.
+            stall_at = int(os.environ.get("ACEDIST_PREP_STALL_AFTER_SHARDS", "-1"))
+
             def flush(index: int) -> None:
+                if len(markers) == stall_at:
+                    time.sleep(3600)
                 samples, rejected, warnings = [], [], []
                 for row in sorted(pending.pop(index, []), key=lambda r: (r["index"], r["window"])):
                     bad, notes = _problems(row)
