@@ -175,9 +175,16 @@ class TextEncoder:
         records = [
             Record.from_dict(json.loads(batch["record"][i])).with_(duration=float(batch["duration"][i])) for i in live
         ]
+        # alternative captions (e.g. upstream recaptions) are encoded too: training samples one per epoch
+        alternatives = [(slot, record.with_(caption=alt)) for slot, record in enumerate(records) for alt in record.alt_captions]
         try:
             states = self.family.encode_text(records, self.config.text_max_tokens) if records else []
             lyric_ids = self.family.tokenize_lyrics(records, self.config.lyric_max_tokens) if records else []
+            alt_states: list[list] = [[] for _ in records]
+            if alternatives:
+                encoded = self.family.encode_text([r for _, r in alternatives], self.config.text_max_tokens)
+                for (slot, _), alt in zip(alternatives, encoded):
+                    alt_states[slot].append(alt)
         except Exception:
             states, lyric_ids = None, None
             failure = traceback.format_exc(limit=1).strip().splitlines()[-1]
@@ -188,7 +195,7 @@ class TextEncoder:
             frames, dim = int(batch["frames"][i]), int(batch["latent_dim"][i])
             mean = torch.from_numpy(np.frombuffer(batch["latent_mean"][i], np.float32).reshape(frames, dim).copy())
             std = torch.from_numpy(np.frombuffer(batch["latent_std"][i], np.float32).reshape(frames, dim).copy())
-            blobs[i] = pack_tensors(mean, std, states[slot], lyric_ids[slot])
+            blobs[i] = pack_tensors(mean, std, states[slot], lyric_ids[slot], alt_states[slot])
             record = records[slot]
             metas[i] = json.dumps({
                 "caption": record.caption, "lyrics": record.lyrics, "bpm": record.bpm, "keyscale": record.keyscale,
@@ -197,6 +204,7 @@ class TextEncoder:
                 "sha256": str(batch["sha256"][i]), "offset": float(batch["offset"][i]), "crop": self.config.crop,
                 "alt_captions": list(record.alt_captions), "repeat": record.repeat, "frames": frames,
                 "text_tokens": int(states[slot].shape[0]), "lyric_tokens": int(lyric_ids[slot].shape[0]),
+                "alt_text_tokens": [int(alt.shape[0]) for alt in alt_states[slot]],
             }, ensure_ascii=False)
         empty = np.array([b""] * n, dtype=object)
         return {**batch, "status": status, "stage": stage, "reason": reason, "tensors": blobs, "meta": metas,

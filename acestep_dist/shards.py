@@ -1,7 +1,8 @@
 """Shards: the sample schema, the atomic writer, the reader and verification.
 
 A sample is ``__key__`` + ``meta.json`` + ``tensors.safetensors`` (``latent_mean``, ``latent_std``
-``[T, C]`` bf16; ``text_states`` ``[L, D]`` bf16, unpadded; ``lyric_ids`` ``[N]`` int32) in a plain
+``[T, C]`` bf16; ``text_states`` ``[L, D]`` bf16, unpadded; ``lyric_ids`` ``[N]`` int32; and
+``alt_text_states_{i}`` for each alternative caption, sampled at training time) in a plain
 WebDataset tar. No pickles. A shard is written as ``.tar.tmp`` and renamed into place when complete;
 its marker ``shard-NNNNNN.json`` (sha256, bytes, members, rejections, warnings) is renamed into place
 after it, so a shard with a marker is finished, and anything else is redone on a rerun.
@@ -15,7 +16,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -37,10 +38,18 @@ def marker_name(index: int) -> str:
     return f"shard-{index:06d}.json"
 
 
+ALT_TEXT_PREFIX = "alt_text_states_"
+
+
+def _dtype(name: str) -> torch.dtype:
+    return torch.bfloat16 if name.startswith(ALT_TEXT_PREFIX) else TENSOR_DTYPES[name]
+
+
 def pack_tensors(latent_mean: torch.Tensor, latent_std: torch.Tensor, text_states: torch.Tensor,
-                 lyric_ids: torch.Tensor) -> bytes:
+                 lyric_ids: torch.Tensor, alt_text_states: Sequence[torch.Tensor] = ()) -> bytes:
     tensors = {"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states, "lyric_ids": lyric_ids}
-    return save_safetensors({k: v.detach().to("cpu", TENSOR_DTYPES[k]).contiguous() for k, v in tensors.items()})
+    tensors.update({f"{ALT_TEXT_PREFIX}{i}": states for i, states in enumerate(alt_text_states)})
+    return save_safetensors({k: v.detach().to("cpu", _dtype(k)).contiguous() for k, v in tensors.items()})
 
 
 def unpack_tensors(blob: bytes) -> dict[str, torch.Tensor]:
@@ -57,7 +66,8 @@ class EncodedSample:
         """The manifest row of this sample."""
         return {"key": self.key, "shard": shard, "duration": self.meta["duration"], "frames": self.meta["frames"],
                 "text_tokens": self.meta["text_tokens"], "lyric_tokens": self.meta["lyric_tokens"],
-                "source": self.meta["source"], "offset": self.meta["offset"], "repeat": self.meta.get("repeat", 1)}
+                "source": self.meta["source"], "offset": self.meta["offset"], "repeat": self.meta.get("repeat", 1),
+                "alt_text_tokens": self.meta.get("alt_text_tokens", [])}
 
 
 @dataclass
@@ -195,12 +205,13 @@ def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
                 shapes = {k: tuple(sample[k].shape) for k in TENSOR_DTYPES if k in sample}
                 want = {"latent_mean": row["frames"], "latent_std": row["frames"], "text_states": row["text_tokens"],
                         "lyric_ids": row["lyric_tokens"]}
+                want.update({f"{ALT_TEXT_PREFIX}{i}": n for i, n in enumerate(row.get("alt_text_tokens", []))})
                 for tensor, length in want.items():
                     if tensor not in sample:
                         problems.append(f"sample {sample['key']!r} lacks tensor {tensor}")
-                    elif sample[tensor].shape[0] != length or sample[tensor].dtype != TENSOR_DTYPES[tensor]:
+                    elif sample[tensor].shape[0] != length or sample[tensor].dtype != _dtype(tensor):
                         problems.append(f"sample {sample['key']!r}: {tensor} is {list(sample[tensor].shape)} "
-                                        f"{sample[tensor].dtype}, manifest says {length} rows of {TENSOR_DTYPES[tensor]}")
+                                        f"{sample[tensor].dtype}, manifest says {length} rows of {_dtype(tensor)}")
                 if "latent_mean" in sample and "latent_std" in sample and sample["latent_mean"].shape != sample["latent_std"].shape:
                     problems.append(f"sample {sample['key']!r}: latent mean and std shapes differ")
                 seen.append({"key": sample["key"], "meta": sample["meta"], "shapes": shapes})

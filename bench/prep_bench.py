@@ -87,7 +87,7 @@ def ray_speedup(model: str) -> dict:
         env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipelines.prep", str(CORPUS / "music"), "--model", model, "--out", folder,
-                        "shard_size_mb=1000", "encoder_actors=2"], check=True, env=env, cwd=ROOT,
+                        "shard_size_mb=1000"], check=True, env=env, cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with_ray = time.perf_counter() - start
     return {"plain_process_s": round(plain, 1), "ray_2_cpus_s": round(with_ray, 1), "speedup": round(plain / with_ray, 2)}
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("which", choices=["cpu-stage", "ray-speedup", "shard-bytes", "worker-rss", "_rss"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--model", help="tiny checkpoint for ray-speedup (default: build one)")
+    parser.add_argument("--latent-dim", type=int, default=4,
+                        help="latent width of the built tiny model (8 makes the VAE cost dominate, as a real VAE does)")
     args = parser.parse_args()
     if args.which == "_rss":
         _rss_child(args.args[0], float(args.args[1]), float(args.args[2]))
@@ -161,7 +163,7 @@ def main() -> None:
     if args.which == "ray-speedup" and not args.model:
         from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
 
-        args.model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", latent_dim=4))
+        args.model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", latent_dim=args.latent_dim))
     runners = {"cpu-stage": cpu_stage, "shard-bytes": shard_bytes, "worker-rss": worker_rss,
                "ray-speedup": lambda: ray_speedup(args.model)}
     print(json.dumps({args.which: runners[args.which]()}, indent=1))

@@ -114,23 +114,28 @@ def _plan_resources(config: PrepConfig) -> Resources:
     """Actor pools and per-task CPUs sized to the cluster.
 
     With GPUs each encoder actor takes a GPU (or half of the only one) and no CPU. On CPUs only,
-    a small cluster (< 4 CPUs, e.g. two 1-CPU nodes) gets half-CPU actors and tasks: whole-CPU
-    requests would fragment (an actor holding half of each node's only CPU) and stall the job.
+    the actors together reserve at most half of the cluster's CPUs, so decode tasks always find
+    room (actors holding every CPU starve the decode stage and the job hangs), and a small
+    cluster (< 4 CPUs, e.g. two 1-CPU nodes) gets half-CPU tasks: whole-CPU requests would
+    fragment (an actor holding half of each node's only CPU) and stall the job.
     """
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    small = cpus < 4
-    cpu_actor, cpu_task = (0.5, 0.5) if small else (1.0, 1.0)
-    if config.encoder_actors:
-        per_gpu = 1.0 if gpus >= 2 * config.encoder_actors else (0.5 if gpus else 0.0)
-        return Resources(config.encoder_actors, config.encoder_actors, per_gpu, 0.0 if gpus else cpu_actor, cpu_task)
-    if gpus >= 2:
-        return Resources(gpus // 2, gpus - gpus // 2, 1.0, 0.0, cpu_task)
-    if gpus == 1:
+    cpu_task = 0.5 if cpus < 4 else 1.0
+    if gpus:
+        if config.encoder_actors:
+            per_gpu = 1.0 if gpus >= 2 * config.encoder_actors else 0.5
+            return Resources(config.encoder_actors, config.encoder_actors, per_gpu, 0.0, cpu_task)
+        if gpus >= 2:
+            return Resources(gpus // 2, gpus - gpus // 2, 1.0, 0.0, cpu_task)
         return Resources(1, 1, 0.5, 0.0, cpu_task)
-    return Resources(1, 1, 0.0, cpu_actor, cpu_task)
+    # CPU only: the VAE is the expensive stage, so extra actors go to it
+    vae_actors = config.encoder_actors or max(1, int(cpus) // 4)
+    text_actors = config.encoder_actors or 1
+    cpu_actor = min(1.0, cpus / 2 / (vae_actors + text_actors))
+    return Resources(vae_actors, text_actors, 0.0, cpu_actor, cpu_task)
 
 
 def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate: int):

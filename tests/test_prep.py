@@ -193,3 +193,43 @@ def test_inspect_verifies_and_detects_a_flipped_byte(music, tmp_path):
     bad = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
     assert bad.returncode == 2
     assert f"CORRUPT {victim.name}: checksum mismatch" in bad.stdout
+
+
+@pytest.mark.parametrize("cpus", [2.0, 8.0, 64.0])
+@pytest.mark.parametrize("actors", [None, 2, 8])
+def test_encoder_actors_leave_cpus_for_decoding(monkeypatch, cpus, actors):
+    import ray
+
+    from pipelines.prep import _plan_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    plan = _plan_resources(PrepConfig(encoder_actors=actors))
+    reserved = (plan.vae_actors + plan.text_actors) * plan.cpus_per_actor
+    assert reserved <= cpus / 2 and plan.cpus_per_actor > 0
+    assert plan.cpus_per_task <= cpus - reserved
+    assert plan.gpus_per_actor == 0
+
+
+def test_alternative_captions_are_encoded_beside_the_caption(tmp_path, corpus, prep_model, ray_session):
+    song = corpus / "music" / sorted(p.name for p in (corpus / "music").glob("*.txt"))[0].replace(".txt", "")
+    audio = next(p for p in (corpus / "music").iterdir() if p.stem == song.name and p.suffix not in (".txt", ".lyrics"))
+    manifest = tmp_path / "songs.jsonl"
+    rows = [
+        {"key": "with_alt", "audio": str(audio), "caption": "folk, guitar", "alt_captions": ["calm piano ballad", "a"]},
+        {"key": "alt_as_caption", "audio": str(audio), "caption": "calm piano ballad"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert run_prep(str(manifest), str(prep_model), str(out), PrepConfig(max_duration=4),
+                    log=lambda _: None).exit_code == EXIT_OK
+    samples = _samples(out)
+    with_alt, plain = samples["with_alt"], samples["alt_as_caption"]
+    assert with_alt["meta"]["alt_captions"] == ["calm piano ballad", "a"]
+    assert torch.equal(with_alt["alt_text_states_0"], plain["text_states"])  # as if it were the caption
+    assert with_alt["alt_text_states_1"].shape[0] < with_alt["alt_text_states_0"].shape[0]
+    assert not torch.equal(with_alt["text_states"][:10], plain["text_states"][:10]) or \
+        with_alt["text_states"].shape != plain["text_states"].shape
+    assert "alt_text_states_0" not in plain
+    check = subprocess.run([sys.executable, "-m", "acestep_dist.cli", "inspect", str(out)], capture_output=True,
+                           text=True, env=_env(), timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -5,8 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from acestep_dist.audio import write_audio
 from acestep_dist.config import PrepConfig
 from acestep_dist.sources import SourceError, load_source
 from acestep_dist.sources.base import make_key
@@ -154,3 +156,13 @@ def test_hugging_face_dataset_with_a_path_column(songs, tmp_path):
     listing = load_source(tmp_path / "paths", PrepConfig())  # paths resolve against the dataset's parent
     assert [Path(r.audio).name for r in listing.records] == ["a.wav"]
     assert [p.reason for p in listing.rejected] == ["audio file not found: songs/missing.wav"]
+
+
+def test_manifest_key_is_the_sample_id_not_the_musical_key(tmp_path):
+    audio = tmp_path / "a.wav"
+    write_audio(audio, np.zeros((2, 4800), dtype=np.float32), 48000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"key": "song_one", "audio": str(audio), "caption": "c", "keyscale": "A minor"}) + "\n"
+                        + json.dumps({"key": "song_two", "audio": str(audio), "caption": "c"}) + "\n")
+    records = load_source(manifest, PrepConfig()).records
+    assert [(r.key, r.keyscale) for r in records] == [("song_one", "A minor"), ("song_two", None)]

@@ -100,8 +100,11 @@ def apply_text_limits(record: Record, config: PrepConfig, where: str, warnings: 
     return record.with_(**changes) if changes else record
 
 
-def metadata_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """bpm / keyscale / timesignature / language from a metadata row, tolerant of common spellings."""
+def metadata_fields(row: dict[str, Any], key_means_keyscale: bool = False) -> dict[str, Any]:
+    """bpm / keyscale / timesignature / language from a metadata row, tolerant of common spellings.
+
+    ``key`` is the sample id in manifests and datasets; only sidecar metadata tables may use it
+    for the musical key (``key_means_keyscale``)."""
     def first(*names):
         for name in names:
             if name in row and clean_optional(row[name]) is not None:
@@ -121,7 +124,7 @@ def metadata_fields(row: dict[str, Any]) -> dict[str, Any]:
     language = first("language", "vocal_language", "lang")
     return {
         "bpm": bpm if bpm and bpm > 0 else None,
-        "keyscale": first("keyscale", "key", "key_scale"),
+        "keyscale": first("keyscale", "key_scale", *(("key",) if key_means_keyscale else ())),
         "timesignature": timesignature,
         "language": None if language is None else str(language),
     }

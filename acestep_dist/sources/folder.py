@@ -74,6 +74,7 @@ def list_folder(folder: Path, config: PrepConfig) -> SourceListing:
         if not caption and not config.allow_missing_caption:
             listing.rejected.append(Problem(where, "source", f"empty caption {caption_path.name}"))
             continue
-        record = Record(key=key, audio=str(path), caption=caption, lyrics=lyrics or None, **metadata_fields(row))
+        record = Record(key=key, audio=str(path), caption=caption, lyrics=lyrics or None,
+                        **metadata_fields(row, key_means_keyscale=True))
         listing.records.append(apply_text_limits(record, config, where, listing.warnings))
     return listing
