@@ -26,6 +26,7 @@ from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import model_dimensions, model_fingerprint, resolve_checkpoint
 from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows
 from acestep_dist.records import Record
+from acestep_dist.ray_cluster import init_ray
 from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_name, shard_name, write_shard
 from acestep_dist.sources import load_source
 
@@ -84,21 +85,6 @@ def _finished(fs, root: str, index: int, plan: str) -> ShardMarker | None:
     if file_sha256(fs, tar) != (marker.sha256, marker.bytes):
         return None
     return marker
-
-
-def _init_ray(address: str | None) -> bool:
-    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded cluster. True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an embedded cluster needs no token file
-    ray.init(address="local", include_dashboard=False, object_store_memory=512 * 1024**2,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    return True
 
 
 @dataclass(frozen=True)
@@ -228,7 +214,7 @@ def run_prep(
             {"shard": index, "index": position, "record": json.dumps(record.to_dict(), ensure_ascii=False)}
             for index in todo for position, record in enumerate(shards[index])
         ]
-        started_ray = _init_ray(address)
+        started_ray = init_ray(address)
         try:
             # a hub id is passed on as is: each worker node fills its own cache; a path must be shared storage
             model_ref = str(folder) if os.path.exists(model) else model

@@ -61,7 +61,19 @@ def ray_session():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=400 * 1024**2,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory, corpus, prep_model, ray_session) -> Path:
+    """The 12 corpus songs, 6 s each, prepared with the tiny 4-channel model: training tests' data."""
+    from acestep_dist.config import PrepConfig
+    from pipelines.prep import EXIT_OK, run_prep
+
+    out = tmp_path_factory.mktemp("train-shards") / "shards"
+    result = run_prep(str(corpus / "music"), str(prep_model), str(out), PrepConfig(max_duration=6), log=lambda _: None)
+    assert result.exit_code == EXIT_OK
+    return out

@@ -213,8 +213,12 @@ class AceStep15:
         batch: TrainingBatch,
         generators: Sequence[torch.Generator],
         lyric_embedding: torch.nn.Module | None = None,
+        null_condition: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Variant-aware flow-matching loss: ``(mean over samples, per-sample losses [B])``.
+
+        ``null_condition`` stands in for the condition encoder's ``null_condition_emb`` (a trainer
+        passes a plain copy: under ZeRO-3 a parameter read outside its module's forward is empty).
 
         Each sample's draws (t, CFG dropout, posterior eps, noise) come from its own generator over
         its own length, so a sample's loss does not depend on its batch mates.
@@ -243,7 +247,8 @@ class AceStep15:
             )
         if dropped.any():
             # the null embedding fills every position; identical keys attend the same however many
-            null = condition_encoder.null_condition_emb.to(condition.dtype).expand_as(condition)
+            null = condition_encoder.null_condition_emb if null_condition is None else null_condition
+            null = null.to(condition.device, condition.dtype).expand_as(condition)
             condition = torch.where(dropped.to(device)[:, None, None], null, condition)
 
         # Padded frames enter the DiT as zeros, exactly as its own patch padding of a lone sample,

@@ -1,0 +1,214 @@
+"""Training data: an index over prep's shards, the deterministic order of every epoch, and a reader.
+
+Every worker builds the same index (shards in name order, members in tar order) and the same
+per-epoch permutation of it (each sample repeated ``repeat`` times, shuffled from the seed and the
+epoch). Optimizer step ``s`` consumes positions ``[s * G, (s + 1) * G)`` of that order, G being the
+global batch; each micro-step of each rank takes its own contiguous slice. The order therefore
+does not depend on the number of workers: 2 workers x batch 1 see exactly the samples of 1 worker
+x batch 2, and a resumed run continues from the step number alone.
+
+Samples are read by seeking to their tar members (offsets from the index), so a shuffled epoch
+never streams whole shards and memory stays at one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..shards import ALT_TEXT_PREFIX, META_FIELD, TENSOR_FIELD, unpack_tensors
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    key: str
+    shard: str  # path or URL of the tar
+    meta_offset: int
+    meta_size: int
+    tensor_offset: int
+    tensor_size: int
+    repeat: int
+    alternatives: int  # alternative captions stored beside the caption
+    frames: int
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    base, _, field = name.partition(".")
+    return base, field
+
+
+def index_shards(data: str) -> list[SampleRef]:
+    """Every sample of the prep output ``data`` (folder or fsspec URL), in a fixed order."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(data)
+    root = root.rstrip("/")
+    manifest_path = f"{root}/manifest.jsonl"
+    if not fs.exists(manifest_path):
+        raise UserError(f"{data} is not an `acedist prep` output (no manifest.jsonl)")
+    with fs.open(manifest_path, "r", encoding="utf-8") as f:
+        manifest = {row["key"]: row for row in map(json.loads, filter(str.strip, f))}
+    if not manifest:
+        raise UserError(f"{data} holds no samples (manifest.jsonl is empty)")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    shard_names = sorted({row["shard"] for row in manifest.values()})
+    refs: list[SampleRef] = []
+    for name in shard_names:
+        if "/" in name or name.startswith("."):
+            raise UserError(f"manifest names an unsafe shard path {name!r}")
+        path = f"{root}/{name}"
+        url = path if protocol in ("file", "local") else f"{protocol}://{path}"
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:  # headers only: member data is skipped by seeking
+                    key, field = _split_member(info.name)
+                    members.setdefault(key, {})[field] = info
+        except (OSError, tarfile.TarError) as error:
+            raise UserError(f"cannot read shard {url}: {error}; run `acedist inspect {data}`") from None
+        for key, fields in members.items():
+            row = manifest.get(key)
+            if row is None or META_FIELD not in fields or TENSOR_FIELD not in fields:
+                continue  # not in the manifest: an unfinished or foreign member is never trained on
+            meta, tensors = fields[META_FIELD], fields[TENSOR_FIELD]
+            refs.append(SampleRef(key, url, meta.offset_data, meta.size, tensors.offset_data, tensors.size,
+                                  int(row.get("repeat", 1)), len(row.get("alt_text_tokens", [])), int(row["frames"])))
+    missing = set(manifest) - {r.key for r in refs}
+    if missing:
+        raise UserError(f"{len(missing)} samples of the manifest are not in the shards (e.g. {sorted(missing)[0]!r}); "
+                        f"run `acedist inspect {data}`")
+    return refs
+
+
+def _seed(*parts: int | str) -> int:
+    """A 63-bit seed from any parts: independent streams per (seed, epoch, position, ...)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One draw of the epoch order: which sample, at which epoch position, with which caption."""
+
+    ref: int  # index into the SampleRef list
+    epoch: int
+    position: int
+    caption: int  # 0: the caption; i > 0: alternative caption i - 1
+
+
+class EpochPlan:
+    """The global order of samples per epoch and the slice each (step, micro-step, rank) trains on."""
+
+    def __init__(self, refs: Sequence[SampleRef], seed: int, micro_batch: int, accumulation: int, world_size: int):
+        self.refs = refs
+        self.seed = seed
+        self.micro_batch, self.accumulation, self.world_size = micro_batch, accumulation, world_size
+        self.global_batch = micro_batch * accumulation * world_size
+        self._expanded = np.repeat(np.arange(len(refs)), [r.repeat for r in refs])
+        self.epoch_size = len(self._expanded)
+        self.steps_per_epoch = self.epoch_size // self.global_batch  # the incomplete last batch is dropped
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the data has {self.epoch_size} samples (repeats included), fewer than one global batch of "
+                f"{self.global_batch} (train_batch_size {micro_batch} x gradient_accumulation_steps {accumulation} "
+                f"x {world_size} workers); lower one of them"
+            )
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            rng = np.random.default_rng(_seed(self.seed, "epoch", epoch))
+            self._orders = {epoch: self._expanded[rng.permutation(self.epoch_size)]}  # keep one epoch
+        return self._orders[epoch]
+
+    def caption_choice(self, ref: int, epoch: int, position: int) -> int:
+        """Caption or one of the alternatives, uniformly, drawn per epoch position (a song repeated
+        2000 times in an epoch draws 2000 times)."""
+        choices = 1 + self.refs[ref].alternatives
+        if choices == 1:
+            return 0
+        return int(np.random.default_rng(_seed(self.seed, "caption", epoch, position)).integers(choices))
+
+    def micro_batch_items(self, step: int, micro: int, rank: int) -> list[Item]:
+        """Items of optimizer step ``step`` (0-based, counted over all epochs), micro-step ``micro``, ``rank``."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch + (micro * self.world_size + rank) * self.micro_batch
+        order = self.order(epoch)
+        items = []
+        for position in range(start, start + self.micro_batch):
+            ref = int(order[position])
+            items.append(Item(ref, epoch, position, self.caption_choice(ref, epoch, position)))
+        return items
+
+    def generator(self, item: Item) -> torch.Generator:
+        """The sample's own random stream (t, dropout of the condition, posterior and flow noise)."""
+        return torch.Generator().manual_seed(_seed(self.seed, "noise", item.epoch, item.position))
+
+
+class SampleReader:
+    """Reads samples by seeking into shards; keeps one open file per shard."""
+
+    def __init__(self, refs: Sequence[SampleRef]):
+        self.refs = refs
+        self._files: dict[str, Any] = {}
+
+    def _read(self, url: str, offset: int, size: int) -> bytes:
+        import fsspec
+
+        handle = self._files.get(url)
+        if handle is None:
+            handle = self._files[url] = fsspec.open(url, "rb").open()
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            raise UserError(f"shard {url} is shorter than its index says; run `acedist inspect` on the data")
+        return data
+
+    def read(self, item: Item) -> dict[str, Any]:
+        ref = self.refs[item.ref]
+        tensors = unpack_tensors(self._read(ref.shard, ref.tensor_offset, ref.tensor_size))
+        meta = json.loads(self._read(ref.shard, ref.meta_offset, ref.meta_size))
+        text = tensors["text_states"] if item.caption == 0 else tensors[f"{ALT_TEXT_PREFIX}{item.caption - 1}"]
+        return {"key": ref.key, "meta": meta, "latent_mean": tensors["latent_mean"], "latent_std": tensors["latent_std"],
+                "text_states": text, "lyric_ids": tensors["lyric_ids"], "caption_index": item.caption}
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def __getstate__(self):  # open files stay with their process (DataLoader workers reopen)
+        return {"refs": self.refs, "_files": {}}
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Map-style dataset of this rank's micro-batches from ``first_step`` on (one item = one micro-batch),
+    so a DataLoader can prefetch them in worker processes and resume from any step."""
+
+    def __init__(self, plan: EpochPlan, reader: SampleReader, rank: int, first_step: int, last_step: int):
+        self.plan, self.reader, self.rank = plan, reader, rank
+        self.first_step, self.last_step = first_step, last_step
+
+    def __len__(self) -> int:
+        return (self.last_step - self.first_step) * self.plan.accumulation
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        step, micro = divmod(index, self.plan.accumulation)
+        step += self.first_step
+        items = self.plan.micro_batch_items(step, micro, self.rank)
+        return {"step": step, "micro": micro, "items": items, "samples": [self.reader.read(i) for i in items]}
+
+
+def iterate_micro_batches(plan: EpochPlan, reader: SampleReader, rank: int, first_step: int, last_step: int,
+                          workers: int = 0) -> Iterator[dict[str, Any]]:
+    dataset = MicroBatches(plan, reader, rank, first_step, last_step)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    yield from loader

@@ -1,0 +1,126 @@
+"""What a training worker optimises: the DiT (LoRA or full), optionally the lyric encoder, and the
+frozen rest of the condition path, wrapped as one module for DeepSpeed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import UserError
+from ..families.ace_step_15 import AceStep15
+from ..families.ace_step_15.family import TrainingBatch
+from ..families.ace_step_15.lora_formats import LoraWeights, read_lora
+
+ADAPTER_NAME = "default"
+
+
+class FlowMatchingModule(torch.nn.Module):
+    """``forward(batch, generators)`` -> (mean loss, per-sample losses): the family's variant-aware loss.
+
+    Holds the modules as children so DeepSpeed (ZeRO-3 included) partitions and hooks them all;
+    the family's loss calls the same module objects."""
+
+    def __init__(self, family: AceStep15, lyric_embedding: torch.nn.Module):
+        super().__init__()
+        self.family = [family]  # a list: not a submodule, just a handle
+        self.transformer = family.components.transformer
+        self.condition_encoder = family.components.condition_encoder
+        self.lyric_embedding = lyric_embedding
+        # a buffer, not a parameter: ZeRO-3 leaves it whole (the embedding is never trained)
+        self.register_buffer("null_condition", self.condition_encoder.null_condition_emb.detach().clone(),
+                             persistent=False)
+
+    def forward(self, batch: TrainingBatch, generators: Sequence[torch.Generator]):
+        return self.family[0].training_loss(batch, generators, self.lyric_embedding, self.null_condition)
+
+
+@dataclass
+class TrainableModel:
+    family: AceStep15
+    module: FlowMatchingModule
+    param_groups: list[dict]
+    trainable_parameters: int
+
+
+def lora_config(config: TrainConfig, targets: Sequence[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
+
+
+def _check_init_lora(weights: LoraWeights, config: TrainConfig, targets: Sequence[str], path: str) -> None:
+    problems = []
+    if weights.rank != config.lora_rank:
+        problems.append(f"rank {weights.rank} (lora_rank is {config.lora_rank})")
+    if abs(weights.scale - config.lora_alpha / (config.lora_rank ** 0.5 if config.use_rslora else config.lora_rank)) > 1e-6:
+        problems.append(f"alpha {weights.alpha:g}{' with rsLoRA' if weights.use_rslora else ''} "
+                        f"(lora_alpha is {config.lora_alpha:g}{' with rsLoRA' if config.use_rslora else ''})")
+    extra = set(weights.targets) - set(targets)
+    if extra:
+        problems.append(f"targets {sorted(extra)} outside lora_preset {config.lora_preset!r} ({', '.join(targets)})")
+    if problems:
+        raise UserError(f"init_lora {path} does not fit this run: " + "; ".join(problems))
+
+
+def build_trainable(family: AceStep15, config: TrainConfig) -> TrainableModel:
+    """Freeze everything, then open what the config trains: LoRA adapters (optionally initialised
+    from ``init_lora``) or the whole DiT, and optionally the lyric encoder with its own rate."""
+    from peft import set_peft_model_state_dict
+
+    components = family.components
+    transformer, condition_encoder = components.transformer, components.condition_encoder
+    lyric_embedding = family.lyric_embedding()
+    for module in (transformer, condition_encoder, lyric_embedding):
+        module.requires_grad_(False)
+
+    if config.model_type == "lora":
+        targets = family.lora_targets(config.lora_preset)
+        # LoRA A starts random: seed it, so the start does not depend on what was loaded before
+        torch.manual_seed(config.seed)
+        transformer.add_adapter(lora_config(config, targets), adapter_name=ADAPTER_NAME)
+        if config.init_lora:
+            weights = read_lora(config.init_lora)
+            _check_init_lora(weights, config, targets, config.init_lora)
+            result = set_peft_model_state_dict(transformer, weights.state_dict, adapter_name=ADAPTER_NAME)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected:
+                raise UserError(f"init_lora {config.init_lora} has modules this model lacks, e.g. {unexpected[0]!r} "
+                                f"(a LoRA for another model size?)")
+        dit_params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+        for p in dit_params:
+            p.requires_grad_(True)
+    else:
+        if config.init_lora:
+            raise UserError("init_lora applies to model_type: lora only")
+        transformer.requires_grad_(True)
+        dit_params = list(transformer.parameters())
+    groups = [{"params": dit_params, "lr": config.learning_rate, "name": "dit"}]
+
+    if config.lyrics_embedder_train:
+        lyric_params = list(condition_encoder.lyric_encoder.parameters())
+        for p in lyric_params:
+            p.requires_grad_(True)
+        groups.append({"params": lyric_params, "lr": config.lyrics_embedder_lr or config.learning_rate,
+                       "name": "lyric_encoder"})
+    transformer.train()
+    # dropout and grad tracking in the condition path only when part of it trains
+    condition_encoder.train(config.lyrics_embedder_train)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    total = sum(p.numel() for group in groups for p in group["params"])
+    if total == 0:
+        raise UserError("nothing to train: the configuration leaves every parameter frozen")
+    return TrainableModel(family, FlowMatchingModule(family, lyric_embedding), groups, total)
+
+
+def lora_weights(transformer: torch.nn.Module, config: TrainConfig, targets: Sequence[str]) -> LoraWeights:
+    """The adapter as it stands (call under ZeRO-3 parameter gathering)."""
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().to("cpu", torch.float32).clone()
+             for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()}
+    return LoraWeights(state, config.lora_rank, config.lora_alpha, config.use_rslora, tuple(targets))

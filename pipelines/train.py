@@ -1,0 +1,180 @@
+"""Fine-tune an ACE-Step model on `acedist prep` shards with Ray Train + DeepSpeed.
+
+Runs as ``acedist train`` or as a program of its own (``python -m pipelines.train``, e.g. under
+``ray job submit``). Each worker runs ``acestep_dist.train.loop.train_worker``; checkpoints go to
+RUN through Ray Train (local path or any URL Ray's storage understands), the final weights to
+RUN/final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from acestep_dist.config import TrainConfig, load_config
+from acestep_dist.errors import UserError
+from acestep_dist.families.ace_step_15.loading import resolve_checkpoint
+from acestep_dist.ray_cluster import init_ray
+from acestep_dist.train.data import EpochPlan, index_shards
+from acestep_dist.train.loop import LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR, train_worker
+
+FINAL_DIR = "final"
+
+
+@dataclass
+class TrainResult:
+    run: str
+    final: str | None  # folder with the trained weights
+    steps: int
+
+
+def _has_checkpoints(fs, root: str) -> bool:
+    return bool(fs.glob(f"{root}/checkpoint_*")) if fs.exists(root) else False
+
+
+def _scaling(nodes: int, gpus_per_node: int, workers: int | None):
+    from ray.train import ScalingConfig
+
+    if nodes < 1 or gpus_per_node < 0 or (workers is not None and workers < 1):
+        raise UserError("--nodes must be >= 1, --gpus-per-node >= 0 and --workers >= 1")
+    if gpus_per_node:
+        if workers is not None:
+            raise UserError("--workers is for CPU runs; with GPUs the workers are --nodes x --gpus-per-node")
+        count, use_gpu = nodes * gpus_per_node, True
+    else:
+        count, use_gpu = workers or nodes, False
+    # one worker per node when each node holds one: spread over the nodes, never two on one
+    strategy = "STRICT_SPREAD" if nodes > 1 and count == nodes else ("SPREAD" if nodes > 1 else "PACK")
+    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    return ScalingConfig(num_workers=count, use_gpu=use_gpu, resources_per_worker=resources,
+                         placement_strategy=strategy), count, use_gpu
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
+           # Ray Train's print patch logs every line twice; our workers print plain progress lines
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    # settings users and tests give the driver, which remote nodes' workers would not inherit
+    for name, value in os.environ.items():
+        if name.startswith(("ACEDIST_", "GLOO_", "NCCL_", "HF_")) or name in ("PYTHONPATH",):
+            env[name] = value
+    return env
+
+
+def run_train(
+    config: TrainConfig,
+    data: str,
+    model: str,
+    output: str,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    workers: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    loader_workers: int = 0,
+    log=print,
+) -> TrainResult:
+    import fsspec
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    refs = index_shards(data)  # clear errors before any worker starts
+    scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
+    plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
+    folder, _ = resolve_checkpoint(model)
+    model_ref = str(folder) if os.path.exists(model) else model  # a hub id: each node fills its own cache
+    if "://" not in data:
+        data = str(Path(data).resolve())
+    if "://" not in output:
+        output = str(Path(output).resolve())
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    if _has_checkpoints(fs, root) and not resume:
+        raise UserError(f"{output} already holds a run; pass --resume to continue it, or choose a new --output")
+    if resume and not _has_checkpoints(fs, root):
+        raise UserError(f"--resume: {output} holds no checkpoint to continue from")
+    fs.makedirs(root, exist_ok=True)
+    total = config.max_train_steps or config.num_train_epochs * plan.steps_per_epoch
+    log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}")
+
+    job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
+           "loader_workers": loader_workers}
+    storage, name = output.rstrip("/").rsplit("/", 1)
+    started_ray = init_ray(address)
+    try:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=job,
+            scaling_config=scaling,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=name, storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as error:  # Ray wraps the worker's exception; show its last line
+            message = str(error).strip().splitlines()
+            raise UserError(f"training failed: {message[-1] if message else type(error).__name__}") from error
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise UserError("training finished without a checkpoint")
+    final = f"{root}/{FINAL_DIR}"
+    with result.checkpoint.as_directory() as checkpoint:
+        state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+        if fs.exists(final):
+            fs.rm(final, recursive=True)
+        fs.makedirs(final, exist_ok=True)
+        for item in (LORA_FILE, TRANSFORMER_DIR, LYRIC_ENCODER_FILE, STATE_FILE):
+            source = Path(checkpoint) / item
+            if source.exists():
+                fs.put(str(source), f"{final}/{item}", recursive=source.is_dir())
+    log(f"train: done at step {state['step']}; weights in {final}")
+    return TrainResult(output, final, int(state["step"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--address")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="key=value settings")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        config = load_config(TrainConfig, args.config, args.overrides)
+        run_train(config, args.data, args.model, args.output, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                  workers=args.workers, address=args.address, resume=args.resume, loader_workers=args.loader_workers)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

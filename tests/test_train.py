@@ -1,0 +1,172 @@
+"""`acedist train` on CPU (gloo) with the tiny model, from shards made by `acedist prep`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from acestep_dist.audio import probe_audio
+from acestep_dist.config import TrainConfig
+from acestep_dist.errors import UserError
+from acestep_dist.families.ace_step_15 import AceStep15
+from acestep_dist.families.ace_step_15.lora_formats import read_lora
+from acestep_dist.train.data import EpochPlan, SampleReader, index_shards
+from acestep_dist.train.model import build_trainable
+from pipelines.train import run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ten optimizer steps of a global batch of 2, a checkpoint every 5, no LoRA dropout (dropout masks
+# depend on how a batch is split over workers, so equality across layouts needs it off).
+COMMON = dict(max_train_steps=10, checkpointing_steps=5, learning_rate=5e-3, lr_warmup_steps=2, lora_dropout=0.0,
+              gradient_accumulation_steps=1, log_interval=5, seed=3)
+
+
+def _config(**overrides) -> TrainConfig:
+    return TrainConfig(**{**COMMON, **overrides})
+
+
+def _lora(run: Path) -> dict[str, torch.Tensor]:
+    return read_lora(run / "final" / "lora.safetensors").state_dict
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, train_shards, prep_model, ray_session) -> Path:
+    """1 worker x batch 2, ZeRO-2, validation renders every 5 steps."""
+    run = tmp_path_factory.mktemp("train") / "reference"
+    config = _config(train_batch_size=2, zero_stage=2, validation_step_interval=5, validation_audio_duration=2.0,
+                     validation_prompt="calm piano", validation_lyrics="[verse]\nla la")
+    result = run_train(config, str(train_shards), str(prep_model), str(run), workers=1, log=lambda _: None)
+    assert result.steps == 10
+    return run
+
+
+def _eval_loss(model: Path, data: Path, init_lora: str | None) -> float:
+    """Deterministic loss over all samples (fixed draws per sample), with or without the trained LoRA."""
+    family = AceStep15.load(str(model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
+    trainable = build_trainable(family, _config(init_lora=init_lora))
+    trainable.module.eval()
+    refs = index_shards(str(data))
+    reader, plan = SampleReader(refs), EpochPlan(refs, 0, 1, 1, 1)
+    losses = []
+    with torch.no_grad():
+        for position in range(plan.epoch_size):
+            item = plan.micro_batch_items(position, 0, 0)[0]
+            batch = family.collate([reader.read(item)])
+            losses.append(trainable.module(batch, [torch.Generator().manual_seed(position)])[0])
+    return float(torch.stack(losses).mean())
+
+
+def test_training_lowers_the_loss_and_renders_validation_audio(reference_run, train_shards, prep_model):
+    before = _eval_loss(prep_model, train_shards, None)
+    after = _eval_loss(prep_model, train_shards, str(reference_run / "final" / "lora.safetensors"))
+    assert after < 0.9 * before, (before, after)
+    state = json.loads((reference_run / "final" / "acedist_state.json").read_text())
+    assert state["step"] == 10 and state["variant"] == "turbo"
+    assert sorted(p.name for p in (reference_run / "samples").iterdir()) == ["step-10.wav", "step-5.wav"]
+    for wav in (reference_run / "samples").iterdir():
+        info = probe_audio(wav)
+        assert info.sample_rate == 48000 and abs(info.duration - 2.0) < 0.05
+    assert list((reference_run / "tb").glob("events.out.tfevents.*"))
+    assert len([p for p in reference_run.glob("checkpoint_*") if p.is_dir()]) == 2
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_workers_give_the_weights_of_one_worker(reference_run, tmp_path, train_shards, prep_model, zero_stage):
+    run = tmp_path / f"zero{zero_stage}"
+    run_train(_config(train_batch_size=1, zero_stage=zero_stage), str(train_shards), str(prep_model), str(run),
+              workers=2, log=lambda _: None)
+    assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-5
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_killed_run_resumes_exactly(reference_run, tmp_path, train_shards, prep_model):
+    run = tmp_path / "killed"
+    overrides = [f"{k}={v}" for k, v in {**COMMON, "train_batch_size": 2, "zero_stage": 2}.items()]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", "--data", str(train_shards), "--model", str(prep_model),
+         "--output", str(run), "--workers", "1", *overrides],
+        env=_env(ACEDIST_TRAIN_STALL_AFTER_STEP="5"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(run.glob("checkpoint_*/acedist_state.json")):
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        time.sleep(3)  # the stalled worker has reported the checkpoint; Ray records it
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert not (run / "final").exists()
+
+    with pytest.raises(UserError, match="already holds a run"):
+        run_train(_config(train_batch_size=2), str(train_shards), str(prep_model), str(run), workers=1)
+    lines = []
+    result = run_train(_config(train_batch_size=2, zero_stage=2), str(train_shards), str(prep_model), str(run),
+                       workers=1, resume=True, log=lines.append)
+    assert result.steps == 10
+    assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 5
+    assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-6
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes(reference_run, tmp_path, train_shards, prep_model,
+                                                          monkeypatch):
+    monkeypatch.setenv("ACEDIST_TRAIN_CRASH_AT_STEP", "7")  # the last worker SIGKILLs itself once, at step 7
+    run = tmp_path / "crash"
+    result = run_train(_config(train_batch_size=1, zero_stage=2, max_failures=1), str(train_shards), str(prep_model),
+                       str(run), workers=2, log=lambda _: None)
+    assert result.steps == 10
+    assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 5
+    assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-5
+
+
+def test_a_batch_of_four_lengths_has_the_mean_loss_of_its_samples(train_shards, prep_model):
+    family = AceStep15.load(str(prep_model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
+    trainable = build_trainable(family, _config(init_lora=None))
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path counts
+        for name, p in family.components.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    refs = index_shards(str(train_shards))
+    reader, plan = SampleReader(refs), EpochPlan(refs, 0, 1, 1, 1)
+    samples = []
+    for position, seconds in enumerate((2, 3.5, 5, 6)):
+        sample = reader.read(plan.micro_batch_items(position, 0, 0)[0])
+        frames = int(seconds * 25)
+        sample["latent_mean"], sample["latent_std"] = sample["latent_mean"][:frames], sample["latent_std"][:frames]
+        samples.append(sample)
+    assert len({s["text_states"].shape[0] for s in samples}) > 1 or len({s["lyric_ids"].shape[0] for s in samples}) > 1
+    generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(4)]  # noqa: E731
+    trainable.module.eval()
+    with torch.no_grad():
+        batch_loss, per_sample = trainable.module(family.collate(samples), generators())
+        alone = [trainable.module(family.collate([s]), [g])[0] for s, g in zip(samples, generators())]
+    assert abs(float(batch_loss) - float(torch.stack(alone).mean())) <= 1e-5
+    assert torch.allclose(per_sample, torch.stack(alone), atol=1e-5)
+
+
+def test_bad_inputs_fail_clearly(tmp_path, train_shards, prep_model):
+    with pytest.raises(UserError, match="not an `acedist prep` output"):
+        run_train(_config(), str(tmp_path), str(prep_model), str(tmp_path / "run"))
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        run_train(_config(train_batch_size=8), str(train_shards), str(prep_model), str(tmp_path / "run"), workers=2)
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        run_train(_config(), str(train_shards), str(prep_model), str(tmp_path / "new"), resume=True)
