@@ -128,6 +128,33 @@ def prep(source, overrides, model, out, address, config_path, source_type, overw
 
 
 @cli.command()
+@click.argument("overrides", nargs=-1)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="training recipe (see configs/train/)")
+@click.option("--data", required=True, help="an `acedist prep` output folder (local path or fsspec URL)")
+@click.option("--model", required=True, help="diffusers folder, upstream checkpoint folder, or hub id")
+@click.option("--output", required=True, help="run folder: checkpoints, tb/, samples/, final/")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="machines to spread workers over")
+@click.option("--gpus-per-node", default=0, show_default=True, type=click.IntRange(min=0),
+              help="GPU workers per node (0: train on CPU)")
+@click.option("--workers", type=click.IntRange(min=1), help="CPU workers (default: one per node)")
+@click.option("--address", help="Ray cluster to run on (default: an embedded local cluster)")
+@click.option("--resume", is_flag=True, help="continue the run in --output from its last checkpoint")
+@click.option("--loader-workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes per worker reading shards ahead")
+def train(overrides, config_path, data, model, output, nodes, gpus_per_node, workers, address, resume,
+          loader_workers) -> None:
+    """Fine-tune MODEL on prepared shards with Ray Train + DeepSpeed. OVERRIDES are key=value settings
+    (SimpleTuner's names: learning_rate=1e-4 max_train_steps=2000 lora_rank=16 ...)."""
+    from pipelines.train import run_train
+
+    from .config import TrainConfig, load_config
+
+    config = load_config(TrainConfig, config_path, overrides)
+    run_train(config, data, model, output, nodes=nodes, gpus_per_node=gpus_per_node, workers=workers,
+              address=address, resume=resume, loader_workers=loader_workers, log=click.echo)
+
+
+@cli.command()
 @click.argument("out")
 def inspect(out) -> None:
     """Verify every shard in OUT (checksums, counts, tensor shapes) and summarise the dataset.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,17 @@ def train_shards(tmp_path_factory, corpus, prep_model, ray_session) -> Path:
     result = run_prep(str(corpus / "music"), str(prep_model), str(out), PrepConfig(max_duration=6), log=lambda _: None)
     assert result.exit_code == EXIT_OK
     return out
+
+
+@pytest.fixture
+def two_nodes():
+    """A two-node Ray cluster on this machine (two raylets of 1 CPU each, started by cluster/local_cluster.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+    import local_cluster
+
+    temp = Path(f"/tmp/acedist-test-{os.getpid()}-{random.randrange(10**6)}")  # short: Ray's socket paths
+    port = random.randrange(20000, 30000)
+    try:
+        yield local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300)
+    finally:
+        local_cluster.stop(temp)

@@ -1,8 +1,6 @@
 """The same prep on a two-node Ray cluster (two raylets on this machine) gives the same samples."""
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ from pipelines.prep import EXIT_OK, run_prep
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
-import local_cluster  # noqa: E402
+import local_cluster  # noqa: E402  (the two_nodes fixture in conftest.py starts it)
 
 
 def _samples(out: Path) -> dict:
@@ -25,16 +23,6 @@ def _samples(out: Path) -> dict:
         with open(tar, "rb") as f:
             found.update({s["key"]: s for s in iter_samples(f)})
     return found
-
-
-@pytest.fixture
-def two_nodes(tmp_path):
-    temp = Path(f"/tmp/acedist-test-{os.getpid()}-{random.randrange(10**6)}")  # short: Ray's socket paths
-    port = random.randrange(20000, 30000)
-    try:
-        yield local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300)
-    finally:
-        local_cluster.stop(temp)
 
 
 def test_two_node_prep_gives_the_same_keys_and_tensors(tmp_path, corpus, prep_model, two_nodes, ray_session):
