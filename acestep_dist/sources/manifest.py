@@ -113,9 +113,11 @@ def list_manifest(path: Path, config: PrepConfig, format: str | None = None) -> 
         stem = str(explicit_key) if explicit_key else (
             str(Path(audio).with_suffix("")) if not Path(audio).is_absolute() else audio_path.stem
         )
+        # in a canonical manifest "key" is the sample's key, not the musical key (keyscale)
+        musical = {k: v for k, v in row.items() if k != "key"} if format == "manifest" else row
         entries.append((stem, Record(
             key="", audio=str(audio_path), caption=str(caption or ""), lyrics=None if lyrics is None else str(lyrics),
-            repeat=repeat, alt_captions=_alt_captions(row.get("alt_captions")), **metadata_fields(row),
+            repeat=repeat, alt_captions=_alt_captions(row.get("alt_captions")), **metadata_fields(musical),
         ), where))
     for (stem, record, where), key in zip(entries, unique_keys([e[0] for e in entries])):
         listing.records.append(apply_text_limits(record.with_(key=key), config, where, listing.warnings))
