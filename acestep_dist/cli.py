@@ -108,7 +108,7 @@ def model_info(model_path: str) -> None:
 @click.option("--out", required=True, help="output folder (local path or fsspec URL)")
 @click.option("--address", help="Ray cluster to run on (default: an embedded local cluster)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="prep YAML (see configs/prep/)")
-@click.option("--source-type", type=click.Choice(["folder", "hf", "manifest", "diffsynth", "acestep-json"]),
+@click.option("--source-type", type=click.Choice(["folder", "hf", "upstream", "manifest", "diffsynth", "acestep-json"]),
               help="force the source kind instead of detecting it")
 @click.option("--overwrite", is_flag=True, help="replace shards made with another model or config")
 def prep(source, overrides, model, out, address, config_path, source_type, overwrite) -> None:
@@ -152,6 +152,40 @@ def train(overrides, config_path, data, model, output, nodes, gpus_per_node, wor
     config = load_config(TrainConfig, config_path, overrides)
     run_train(config, data, model, output, nodes=nodes, gpus_per_node=gpus_per_node, workers=workers,
               address=address, resume=resume, loader_workers=loader_workers, log=click.echo)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="manifest to write (.jsonl)")
+@click.option("--audio-root", type=click.Path(file_okay=False),
+              help="folder relative audio paths are resolved against (for an upstream dataset: the folder its "
+                   "converter ran in); default: the dataset folder's parent, then the current directory (other datasets: "
+                   "the dataset folder first)")
+@click.option("--dedupe/--no-dedupe", default=True, show_default=True,
+              help="collapse an upstream dataset's repeated rows into one record with repeat = their count")
+@click.option("--caption-field", "caption_fields", multiple=True,
+              help="other datasets: caption column, repeatable, first non-empty wins [default: caption, prompt, tags]")
+@click.option("--lyrics-column", help="other datasets: the lyrics column [default: lyrics]")
+@click.option("--audio-column", help="other datasets: Audio or path column [default: audio]")
+@click.option("--split", help="the split of a dataset with several [default: train]")
+def convert(source, out, audio_root, dedupe, caption_fields, lyrics_column, audio_column, split) -> None:
+    """Convert the Hugging Face dataset SOURCE (save_to_disk folder or hub id) to a manifest for prep.
+
+    A dataset made by ACE-Step v1's convert2hf_dataset.py is recognised by its columns; any other
+    is read SimpleTuner-style (--caption-field, --lyrics-column). Writes OUT, a manifest that
+    `acedist prep` reads, and beside it NAME.report.json.
+
+    Exit status: 0 when every row was converted; 3 when some were not (audio not found, no caption;
+    listed in the report) and the rest written; 1 on a fatal error.
+    """
+    from .config import PrepConfig, load_config
+    from .convert import convert_dataset
+
+    settings = {"audio_caption_fields": list(caption_fields) or None, "lyrics_column": lyrics_column,
+                "audio_column": audio_column, "dataset_split": split}
+    config = load_config(PrepConfig, None, {k: v for k, v in settings.items() if v is not None})
+    result = convert_dataset(source, out, audio_root=audio_root, dedupe=dedupe, config=config, log=click.echo)
+    sys.exit(result.exit_code)
 
 
 @cli.command()

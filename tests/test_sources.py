@@ -64,6 +64,7 @@ def test_canonical_manifest_jsonl_and_csv(songs, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     listing = load_source(manifest, PrepConfig())
     assert [r.key for r in listing.records] == ["songs/a", "my_key"]
+    assert listing.records[1].keyscale is None  # a manifest's "key" is the sample key, not the musical key
     first = listing.records[0]
     assert (first.repeat, first.alt_captions, first.timesignature, first.bpm) == (3, ("calm piano",), "4", 120)
     reasons = sorted(p.reason for p in listing.rejected)

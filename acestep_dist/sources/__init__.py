@@ -1,7 +1,8 @@
 """Sources: anything a user's songs come in, turned into one list of ``Record`` s.
 
 ``load_source`` detects the kind (``--source-type`` forces it): a folder with sidecars, a
-canonical manifest, DiffSynth metadata, or the ACE-Step 1.5 dataset JSON.
+canonical manifest, DiffSynth metadata, the ACE-Step 1.5 dataset JSON, or a Hugging Face dataset
+(one made by ACE-Step v1's upstream converter is recognised by its columns).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from pathlib import Path
 from ..config import PrepConfig
 from .base import Problem, SourceError, SourceListing
 from .folder import list_folder
-from .hf import is_saved_dataset, list_hf_dataset
+from .hf import is_saved_dataset, list_hf_dataset, open_dataset
 from .manifest import FORMATS, list_manifest
+from .upstream import UPSTREAM_COLUMNS, is_upstream_dataset, list_upstream
 
-SOURCE_TYPES = ("folder", "hf") + FORMATS
+SOURCE_TYPES = ("folder", "hf", "upstream") + FORMATS
 _DIFFSYNTH_FILES = ("metadata.json", "metadata.jsonl", "metadata.csv")
 
 
@@ -35,8 +37,8 @@ def load_source(path: str | Path, config: PrepConfig, source_type: str | None = 
     """``cache_dir`` receives audio stored inside a Hugging Face dataset (written once, by hash)."""
     if source_type is not None and source_type not in SOURCE_TYPES:
         raise SourceError(f"unknown source type {source_type!r}; known: {', '.join(SOURCE_TYPES)}")
-    if source_type == "hf" or (source_type is None and detect_source_type(Path(path)) == "hf"):
-        return list_hf_dataset(str(path), config, cache_dir)
+    if source_type in ("hf", "upstream") or (source_type is None and detect_source_type(Path(path)) == "hf"):
+        return list_dataset(str(path), config, cache_dir, upstream={"upstream": True, "hf": False}.get(source_type))
     path = Path(path)
     kind = detect_source_type(path)
     if kind == "folder":
@@ -52,4 +54,20 @@ def load_source(path: str | Path, config: PrepConfig, source_type: str | None = 
     return list_manifest(path, config, source_type)
 
 
-__all__ = ["Problem", "SOURCE_TYPES", "SourceError", "SourceListing", "detect_source_type", "load_source"]
+def list_dataset(source: str, config: PrepConfig, cache_dir: Path | None = None,
+                 upstream: bool | None = None) -> SourceListing:
+    """A Hugging Face dataset, read as an upstream converter's dataset (``upstream`` True), as a generic
+    one (False), or as its columns say (None)."""
+    dataset = open_dataset(source, config.dataset_split)
+    columns = dataset.column_names
+    if upstream is None:
+        upstream = is_upstream_dataset(columns)
+    if not upstream:
+        return list_hf_dataset(source, config, cache_dir, dataset=dataset)
+    if not is_upstream_dataset(columns):
+        raise SourceError(f"{source}: not an upstream ACE-Step dataset (needs columns {', '.join(UPSTREAM_COLUMNS)}; "
+                          f"found {', '.join(columns)})")
+    return list_upstream(dataset, source, config)
+
+
+__all__ = ["Problem", "SOURCE_TYPES", "SourceError", "SourceListing", "detect_source_type", "list_dataset", "load_source"]

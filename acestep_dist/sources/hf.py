@@ -55,7 +55,7 @@ def _caption(row: dict[str, Any], fields: list[str]) -> str | None:
     return None
 
 
-def _audio_file(value: Any, root: Path, cache_dir: Path | None) -> Path:
+def _audio_file(value: Any, roots: list[Path], cache_dir: Path | None) -> Path:
     """A local file for an Audio cell ({bytes, path}) or a path string."""
     path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
     if data:
@@ -73,7 +73,7 @@ def _audio_file(value: Any, root: Path, cache_dir: Path | None) -> Path:
     if not isinstance(path, str) or not path or "\0" in path:
         raise ValueError("no audio path or bytes")
     candidate = Path(path)
-    for base in ([] if candidate.is_absolute() else [root, root.parent, Path.cwd()]):
+    for base in ([] if candidate.is_absolute() else roots):
         if (base / candidate).is_file():
             return (base / candidate).resolve()
     if candidate.is_absolute() and candidate.is_file():
@@ -81,10 +81,14 @@ def _audio_file(value: Any, root: Path, cache_dir: Path | None) -> Path:
     raise ValueError(f"audio file not found: {path}")
 
 
-def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | None = None) -> SourceListing:
+def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | None = None, *, dataset=None,
+                    audio_root: str | Path | None = None) -> SourceListing:
+    """``dataset``: already opened from ``source``; ``audio_root``: the only folder relative paths
+    are resolved against (default: the dataset folder, its parent, the current directory)."""
     import datasets
 
-    dataset = open_dataset(source, config.dataset_split)
+    if dataset is None:
+        dataset = open_dataset(source, config.dataset_split)
     columns = list(dataset.column_names)
     audio_column = config.audio_column if config.audio_column in columns else next(
         (c for c in _AUDIO_FALLBACKS if c in columns), None)
@@ -92,13 +96,18 @@ def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | No
         raise SourceError(f"{source}: no audio column ({config.audio_column!r}; found {', '.join(columns)}); set audio_column=")
     if isinstance(dataset.features.get(audio_column), datasets.Audio):
         dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
-    root = Path(source) if Path(source).is_dir() else Path.cwd()
+    if audio_root is not None:
+        roots = [Path(audio_root).expanduser().resolve()]
+    elif Path(source).is_dir():
+        roots = [Path(source), Path(source).parent, Path.cwd()]
+    else:
+        roots = [Path.cwd()]
     listing = SourceListing()
     entries = []
     for index, row in enumerate(dataset):
         where = f"{source}[{index}]"
         try:
-            audio = _audio_file(row[audio_column], root, cache_dir)
+            audio = _audio_file(row[audio_column], roots, cache_dir)
         except (ValueError, OSError) as error:
             listing.rejected.append(Problem(where, "source", str(error)))
             continue
