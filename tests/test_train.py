@@ -170,3 +170,23 @@ def test_bad_inputs_fail_clearly(tmp_path, train_shards, prep_model):
         run_train(_config(train_batch_size=8), str(train_shards), str(prep_model), str(tmp_path / "run"), workers=2)
     with pytest.raises(UserError, match="holds no checkpoint"):
         run_train(_config(), str(train_shards), str(prep_model), str(tmp_path / "new"), resume=True)
+
+
+def test_full_fine_tune_with_the_lyric_encoder_under_zero3(tmp_path, train_shards, prep_model, ray_session):
+    from diffusers import AceStepTransformer1DModel
+    from safetensors.torch import load_file
+
+    run = tmp_path / "full"
+    config = _config(model_type="full", lyrics_embedder_train=True, lyrics_embedder_lr=1e-3, zero_stage=3,
+                     gradient_checkpointing=True, train_batch_size=1, max_train_steps=2, checkpointing_steps=2,
+                     learning_rate=1e-3)
+    run_train(config, str(train_shards), str(prep_model), str(run), workers=2, log=lambda _: None)
+    trained = AceStepTransformer1DModel.from_pretrained(run / "final" / "transformer")
+    base = AceStepTransformer1DModel.from_pretrained(prep_model / "transformer")
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert len(changed) > len(trained.state_dict()) // 2
+    lyric = load_file(run / "final" / "lyric_encoder.safetensors")
+    family = AceStep15.load(str(prep_model), ("condition_encoder",))
+    original = family.components.condition_encoder.lyric_encoder.state_dict()
+    assert lyric.keys() == original.keys()
+    assert any(not torch.equal(lyric[k], original[k]) for k in lyric)
