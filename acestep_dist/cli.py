@@ -189,6 +189,57 @@ def convert(source, out, audio_root, dedupe, caption_fields, lyrics_column, audi
 
 
 @cli.command()
+@click.argument("run")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write")
+@click.option("--format", "fmt", default="all", show_default=True,
+              type=click.Choice(["diffusers", "peft", "comfyui", "all"]),
+              help="LoRA: diffusers file, upstream PEFT folder, ComfyUI file; full fine-tunes: diffusers + upstream")
+@click.option("--name", help="file name stem of the ComfyUI LoRA (default: the run folder's name)")
+def export(run, out, fmt, name) -> None:
+    """Export the weights of RUN (a run folder, its final/ or one checkpoint_* folder) into OUT.
+
+    OUT/README.txt says which file goes where (diffusers, upstream ACE-Step, ComfyUI).
+    """
+    from .export import export as export_weights
+
+    export_weights(run, out, fmt, name=name, log=click.echo)
+
+
+@cli.command()
+@click.option("--model", required=True, help="diffusers folder, upstream checkpoint folder, or hub id")
+@click.option("--lora", help="a LoRA in diffusers, PEFT (folder) or ComfyUI format")
+@click.option("--lora-scale", default=1.0, show_default=True, type=float)
+@click.option("--prompt", required=True, help="the caption: genre, instruments, mood, ...")
+@click.option("--lyrics", help="lyrics text, or a path to a lyrics file (default: instrumental)")
+@click.option("--duration", default=30.0, show_default=True, type=float, help="seconds")
+@click.option("--bpm", type=int)
+@click.option("--keyscale", help='e.g. "A minor"')
+@click.option("--timesignature", help='beats per bar, e.g. "4"')
+@click.option("--language", help="lyrics language code, e.g. en")
+@click.option("--steps", type=click.IntRange(min=1), help="sampler steps (default: the variant's)")
+@click.option("--guidance", type=float, help="guidance scale (default: the variant's)")
+@click.option("--shift", type=float, help="timestep shift (default: the variant's)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--src-audio", type=click.Path(dir_okay=False, exists=True),
+              help="source audio: cover it, or repaint part of it with --repaint")
+@click.option("--repaint", nargs=2, type=float, metavar="START END", help="seconds of --src-audio to regenerate")
+@click.option("--cover-strength", default=1.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.wav (float) or FILE.flac")
+def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps,
+             guidance, shift, seed, src_audio, repaint, cover_strength, out) -> None:
+    """Render PROMPT (and lyrics) to audio with MODEL, optionally with a LoRA."""
+    from pathlib import Path
+
+    from .generate import GenerateRequest, generate as render
+
+    if lyrics and len(lyrics) < 4096 and "\n" not in lyrics and Path(lyrics).is_file():
+        lyrics = Path(lyrics).read_text(encoding="utf-8")
+    request = GenerateRequest(prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps, guidance, shift,
+                              seed, src_audio, tuple(repaint) if repaint else None, cover_strength)
+    render(model, request, out, lora=lora, lora_scale=lora_scale, log=click.echo)
+
+
+@cli.command()
 @click.argument("out")
 def inspect(out) -> None:
     """Verify every shard in OUT (checksums, counts, tensor shapes) and summarise the dataset.

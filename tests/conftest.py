@@ -93,3 +93,38 @@ def two_nodes():
         yield local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300)
     finally:
         local_cluster.stop(temp)
+
+
+# Ten optimizer steps of a global batch of 2, a checkpoint every 5, no LoRA dropout (dropout masks
+# depend on how a batch is split over workers, so equality across layouts needs it off).
+TRAIN_COMMON = dict(max_train_steps=10, checkpointing_steps=5, learning_rate=5e-3, lr_warmup_steps=2,
+                    lora_dropout=0.0, gradient_accumulation_steps=1, log_interval=5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, train_shards, prep_model, ray_session) -> Path:
+    """A LoRA run: 1 worker x batch 2, ZeRO-2, validation renders every 5 steps."""
+    from acestep_dist.config import TrainConfig
+    from pipelines.train import run_train
+
+    run = tmp_path_factory.mktemp("train") / "reference"
+    config = TrainConfig(**TRAIN_COMMON, train_batch_size=2, zero_stage=2, validation_step_interval=5,
+                         validation_audio_duration=2.0, validation_prompt="calm piano",
+                         validation_lyrics="[verse]\nla la")
+    result = run_train(config, str(train_shards), str(prep_model), str(run), workers=1, log=lambda _: None)
+    assert result.steps == 10
+    return run
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, train_shards, prep_model, ray_session) -> Path:
+    """A full fine-tune of the DiT and the lyric encoder: 2 workers, ZeRO-3, gradient checkpointing."""
+    from acestep_dist.config import TrainConfig
+    from pipelines.train import run_train
+
+    run = tmp_path_factory.mktemp("train") / "full"
+    config = TrainConfig(**{**TRAIN_COMMON, "max_train_steps": 2, "checkpointing_steps": 2, "learning_rate": 1e-3},
+                         model_type="full", lyrics_embedder_train=True, lyrics_embedder_lr=1e-3, zero_stage=3,
+                         gradient_checkpointing=True, train_batch_size=1)
+    run_train(config, str(train_shards), str(prep_model), str(run), workers=2, log=lambda _: None)
+    return run

@@ -22,11 +22,10 @@ from acestep_dist.train.data import EpochPlan, SampleReader, index_shards
 from acestep_dist.train.model import build_trainable
 from pipelines.train import run_train
 
+from conftest import TRAIN_COMMON as COMMON  # the reference_run fixture's settings
+
 ROOT = Path(__file__).resolve().parents[1]
-# Ten optimizer steps of a global batch of 2, a checkpoint every 5, no LoRA dropout (dropout masks
-# depend on how a batch is split over workers, so equality across layouts needs it off).
-COMMON = dict(max_train_steps=10, checkpointing_steps=5, learning_rate=5e-3, lr_warmup_steps=2, lora_dropout=0.0,
-              gradient_accumulation_steps=1, log_interval=5, seed=3)
+
 
 
 def _config(**overrides) -> TrainConfig:
@@ -40,17 +39,6 @@ def _lora(run: Path) -> dict[str, torch.Tensor]:
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, train_shards, prep_model, ray_session) -> Path:
-    """1 worker x batch 2, ZeRO-2, validation renders every 5 steps."""
-    run = tmp_path_factory.mktemp("train") / "reference"
-    config = _config(train_batch_size=2, zero_stage=2, validation_step_interval=5, validation_audio_duration=2.0,
-                     validation_prompt="calm piano", validation_lyrics="[verse]\nla la")
-    result = run_train(config, str(train_shards), str(prep_model), str(run), workers=1, log=lambda _: None)
-    assert result.steps == 10
-    return run
 
 
 def _eval_loss(model: Path, data: Path, init_lora: str | None) -> float:
@@ -172,15 +160,11 @@ def test_bad_inputs_fail_clearly(tmp_path, train_shards, prep_model):
         run_train(_config(), str(train_shards), str(prep_model), str(tmp_path / "new"), resume=True)
 
 
-def test_full_fine_tune_with_the_lyric_encoder_under_zero3(tmp_path, train_shards, prep_model, ray_session):
+def test_full_fine_tune_with_the_lyric_encoder_under_zero3(full_run, prep_model):
     from diffusers import AceStepTransformer1DModel
     from safetensors.torch import load_file
 
-    run = tmp_path / "full"
-    config = _config(model_type="full", lyrics_embedder_train=True, lyrics_embedder_lr=1e-3, zero_stage=3,
-                     gradient_checkpointing=True, train_batch_size=1, max_train_steps=2, checkpointing_steps=2,
-                     learning_rate=1e-3)
-    run_train(config, str(train_shards), str(prep_model), str(run), workers=2, log=lambda _: None)
+    run = full_run
     trained = AceStepTransformer1DModel.from_pretrained(run / "final" / "transformer")
     base = AceStepTransformer1DModel.from_pretrained(prep_model / "transformer")
     changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]

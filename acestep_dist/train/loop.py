@@ -256,6 +256,7 @@ def _validate(engine, trainable, family: AceStep15, config: TrainConfig, run: st
         family.components.transformer.eval()
         audio = family.generate(record, duration=config.validation_audio_duration, seed=config.validation_seed,
                                 steps=config.validation_steps, guidance=config.validation_guidance)[0]
+        audio = audio[..., : int(round(config.validation_audio_duration * family.sample_rate))]
         family.components.transformer.train(was_training)
     fs, root = fsspec.core.url_to_fs(run)
     fs.makedirs(f"{root}/samples", exist_ok=True)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from safetensors.torch import load_file, save_file
 
 from acestep_dist.errors import ModelLoadError
 from acestep_dist.families.ace_step_15 import AceStep15, detect_variant, load_components
+from acestep_dist.families.ace_step_15.keymap import upstream_config
 from acestep_dist.records import Record
 
 # Upstream ACE-Step 1.5 module names, spelled out here independently of the loader's key map.
@@ -53,28 +55,7 @@ def write_upstream_copy(diffusers_dir: Path, root: Path, folder: str) -> Path:
 
     dit_config = json.loads((diffusers_dir / "transformer" / "config.json").read_text())
     cond_config = json.loads((diffusers_dir / "condition_encoder" / "config.json").read_text())
-    config = {k: v for k, v in dit_config.items() if not k.startswith("_")}
-    config.pop("encoder_hidden_size")
-    config.update(
-        architectures=["AceStepConditionGenerationModel"],
-        text_hidden_dim=cond_config["text_hidden_dim"],
-        timbre_hidden_dim=cond_config["timbre_hidden_dim"],
-        num_lyric_encoder_hidden_layers=cond_config["num_lyric_encoder_hidden_layers"],
-        num_timbre_encoder_hidden_layers=cond_config["num_timbre_encoder_hidden_layers"],
-        max_position_embeddings=32768,
-        use_sliding_window=True,
-        timestep_mu=-0.4,
-        timestep_sigma=1.0,
-        data_proportion=0.5,
-        model_version=dit_config["model_version"].removeprefix("xl-"),
-    )
-    if cond_config["hidden_size"] != dit_config["hidden_size"]:  # XL
-        config.update(
-            encoder_hidden_size=cond_config["hidden_size"],
-            encoder_intermediate_size=cond_config["intermediate_size"],
-            encoder_num_attention_heads=cond_config["num_attention_heads"],
-            encoder_num_key_value_heads=cond_config["num_key_value_heads"],
-        )
+    config = upstream_config(dit_config, cond_config)
     (variant_dir / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copytree(diffusers_dir / "vae", root / "vae")
     text_dir = root / "Qwen3-Embedding-0.6B"

@@ -122,3 +122,32 @@ def upstream_configs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     if config.get("encoder_num_key_value_heads"):
         condition["num_key_value_heads"] = config["encoder_num_key_value_heads"]
     return dit, condition
+
+
+def upstream_config(dit_config: Mapping[str, Any], condition_config: Mapping[str, Any],
+                    timestep_mu: float = -0.4, timestep_sigma: float = 1.0) -> dict[str, Any]:
+    """The inverse of ``upstream_configs``: one upstream variant ``config.json`` from diffusers'
+    DiT and condition-encoder configs (XL keeps the encoder's own widths in ``encoder_*``)."""
+    config = {k: v for k, v in dict(dit_config).items() if not k.startswith("_")}
+    config.pop("encoder_hidden_size", None)
+    config.update(
+        architectures=["AceStepConditionGenerationModel"],
+        text_hidden_dim=condition_config["text_hidden_dim"],
+        timbre_hidden_dim=condition_config["timbre_hidden_dim"],
+        num_lyric_encoder_hidden_layers=condition_config["num_lyric_encoder_hidden_layers"],
+        num_timbre_encoder_hidden_layers=condition_config["num_timbre_encoder_hidden_layers"],
+        max_position_embeddings=32768,
+        use_sliding_window=True,
+        timestep_mu=timestep_mu,
+        timestep_sigma=timestep_sigma,
+        data_proportion=0.5,
+        model_version=str(dit_config.get("model_version") or "").removeprefix("xl-") or None,
+    )
+    if condition_config["hidden_size"] != dit_config["hidden_size"]:  # XL
+        config.update(
+            encoder_hidden_size=condition_config["hidden_size"],
+            encoder_intermediate_size=condition_config["intermediate_size"],
+            encoder_num_attention_heads=condition_config["num_attention_heads"],
+            encoder_num_key_value_heads=condition_config["num_key_value_heads"],
+        )
+    return config

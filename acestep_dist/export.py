@@ -1,0 +1,176 @@
+"""`acedist export`: a run's trained weights in the files diffusers, upstream ACE-Step and ComfyUI load.
+
+LoRA -> ``diffusers/pytorch_lora_weights.safetensors`` (adapter config in the header),
+``peft/`` (``adapter_config.json`` + ``adapter_model.safetensors``, upstream module names) and
+``comfyui/<name>.safetensors`` (``.alpha`` per module). Full fine-tune -> ``diffusers/`` (a
+pipeline folder ``AceStepPipeline.from_pretrained`` loads) and ``upstream/model.safetensors``
+(upstream key names, with its ``config.json`` and ``silence_latent.pt``). Weights in a run are
+already whole (ZeRO-3 parameters are gathered when a checkpoint is written).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .families.ace_step_15.lora_formats import LoraWeights, read_lora, write_comfyui, write_diffusers, write_peft
+
+STATE_FILE = "acedist_state.json"
+LORA_FILE = "lora.safetensors"
+TRANSFORMER_DIR = "transformer"
+LYRIC_ENCODER_FILE = "lyric_encoder.safetensors"
+PROVENANCE_KEY = "acedist"  # safetensors header entry: which model and variant a LoRA was trained on
+EXPORT_FORMATS = ("diffusers", "peft", "comfyui", "all")
+
+
+@dataclass
+class TrainedWeights:
+    folder: Path
+    state: dict
+
+    @property
+    def is_lora(self) -> bool:
+        return self.state["model_type"] == "lora"
+
+    @property
+    def provenance(self) -> dict:
+        return {"variant": self.state["variant"], "model": self.state["model"], "step": self.state["step"]}
+
+
+def find_trained_weights(path: str | Path) -> TrainedWeights:
+    """A run folder (its ``final/``), a ``final/`` folder, or one ``checkpoint_*`` folder of a run."""
+    path = Path(path)
+    for folder in (path / "final", path):
+        if (folder / STATE_FILE).is_file():
+            state = json.loads((folder / STATE_FILE).read_text())
+            want = LORA_FILE if state.get("model_type") == "lora" else TRANSFORMER_DIR
+            if not (folder / want).exists():
+                raise UserError(f"{folder} lacks {want}: not a complete acedist checkpoint")
+            return TrainedWeights(folder, state)
+    if path.is_dir() and sorted(path.glob("checkpoint_*")):
+        raise UserError(f"{path} holds checkpoints but no final/ (the run did not finish); "
+                        f"pass one of its checkpoint_* folders")
+    raise UserError(f"{path} is not an acedist run, final/ or checkpoint folder (no {STATE_FILE})")
+
+
+def with_provenance(file: Path, provenance: dict) -> None:
+    """Add our provenance entry to a safetensors header (the tensors are rewritten unchanged)."""
+    with safe_open(str(file), "pt") as f:
+        header = dict(f.metadata() or {})
+    header[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    save_file(load_file(str(file)), str(file), metadata=header)
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            raw = (f.metadata() or {}).get(PROVENANCE_KEY)
+        if raw:
+            return json.loads(raw)
+    return None
+
+
+README = """Exported by acedist from {source} (step {step}, {variant}, base model {model}).
+
+{body}
+"""
+
+LORA_README = """LoRA rank {rank}, alpha {alpha:g}{rslora}, on the DiT's {targets}.
+
+diffusers/pytorch_lora_weights.safetensors
+    diffusers: pipe = AceStepPipeline.from_pretrained(BASE); pipe.load_lora_weights("diffusers/")
+    The adapter config (rank, alpha) is in the file header, so it loads at scale 1.0 as trained.
+peft/ (adapter_config.json + adapter_model.safetensors)
+    upstream ACE-Step 1.5: PeftModel.from_pretrained(model.decoder, "peft/") - its LoRA folder.
+comfyui/{name}.safetensors
+    ComfyUI: copy into ComfyUI/models/loras/ and use a LoRA loader node on the ACE-Step 1.5 model
+    (keys diffusion_model.decoder.*, one .alpha per module).
+acedist: acedist generate --model BASE --lora <any of the three> ...
+"""
+
+FULL_README = """A full fine-tune of the DiT{lyric}.
+
+diffusers/
+    diffusers: AceStepPipeline.from_pretrained("diffusers/") - the whole pipeline folder.
+upstream/model.safetensors (+ config.json, silence_latent.pt)
+    upstream ACE-Step 1.5: replace the variant folder's model.safetensors and config.json (e.g.
+    checkpoints/acestep-v15-turbo/) with these; vae/ and Qwen3-Embedding-0.6B/ are unchanged.
+acedist: acedist generate --model diffusers/ ...
+"""
+
+
+def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | None = None,
+           log=print) -> list[Path]:
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    trained = find_trained_weights(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = ("diffusers", "peft", "comfyui") if fmt == "all" else (fmt,)
+    name = name or Path(source).resolve().name
+    written: list[Path] = []
+    if trained.is_lora:
+        weights = read_lora(trained.folder / LORA_FILE)
+        if "diffusers" in wanted:
+            written.append(write_diffusers(weights, out / "diffusers"))
+        if "peft" in wanted:
+            written.append(write_peft(weights, out / "peft") / "adapter_model.safetensors")
+        if "comfyui" in wanted:
+            written.append(write_comfyui(weights, out / "comfyui" / f"{name}.safetensors"))
+        for file in written:
+            with_provenance(file, trained.provenance)
+        body = LORA_README.format(rank=weights.rank, alpha=weights.alpha, name=name,
+                                  rslora=" (rsLoRA)" if weights.use_rslora else "", targets=", ".join(weights.targets))
+    else:
+        if "comfyui" in wanted and fmt != "all":
+            raise UserError("a full fine-tune exports as diffusers or upstream weights; comfyui is for LoRAs")
+        written += _export_full(trained, out, wanted)
+        lyric = " and the lyric encoder" if (trained.folder / LYRIC_ENCODER_FILE).is_file() else ""
+        body = FULL_README.format(lyric=lyric)
+    (out / "README.txt").write_text(README.format(source=trained.folder, body=body, **trained.provenance))
+    for path in written:
+        log(f"export: wrote {path}")
+    return written
+
+
+def _export_full(trained: TrainedWeights, out: Path, wanted) -> list[Path]:
+    """The base pipeline with the trained DiT (and lyric encoder) swapped in."""
+    from diffusers import AceStepTransformer1DModel
+
+    from .families.ace_step_15 import AceStep15
+    from .families.ace_step_15.keymap import diffusers_to_upstream, upstream_config
+
+    family = AceStep15.load(trained.state["model"])
+    components = family.components
+    components.transformer = AceStepTransformer1DModel.from_pretrained(str(trained.folder / TRANSFORMER_DIR))
+    lyric_file = trained.folder / LYRIC_ENCODER_FILE
+    if lyric_file.is_file():
+        components.condition_encoder.lyric_encoder.load_state_dict(load_file(str(lyric_file)))
+    written = []
+    if "diffusers" in wanted or "peft" in wanted:  # "peft" has no meaning for a full model: diffusers it is
+        target = out / "diffusers"
+        if target.exists():
+            shutil.rmtree(target)
+        family.pipeline().save_pretrained(str(target), safe_serialization=True)
+        written.append(target)
+    target = out / "upstream"
+    target.mkdir(parents=True, exist_ok=True)
+    state = diffusers_to_upstream(components.transformer.state_dict(), components.condition_encoder.state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = upstream_config(components.transformer.config, components.condition_encoder.config)
+    (target / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    # upstream reads this with torch.load; a plain tensor is all it holds
+    torch.save(components.condition_encoder.silence_latent.detach().transpose(1, 2).contiguous().cpu(),
+               target / "silence_latent.pt")
+    written.append(target / "model.safetensors")
+    return written
