@@ -3,7 +3,8 @@
 Stages so far: build a tiny ACE-Step 1.5 checkpoint -> synthesise captioned clips with lyrics
 (SimpleTuner folder layout) -> `acedist prep` them into WebDataset shards on an embedded Ray
 cluster -> `acedist inspect` the shards -> `acedist train` a LoRA on them (Ray Train + DeepSpeed)
--> load the LoRA into diffusers' AceStepPipeline and render a wav. Nothing here is faked.
+-> `acedist export` it in the three LoRA formats -> `acedist generate` a wav with it. Nothing here
+is faked.
 """
 
 from __future__ import annotations
@@ -73,10 +74,6 @@ def _acedist(*args: str, allowed=(0,)) -> None:
 def run(out: Path) -> dict:
     import torch
 
-    from .audio import write_audio
-    from .families.ace_step_15 import AceStep15
-    from .records import Record
-
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -86,22 +83,22 @@ def run(out: Path) -> dict:
     report: dict = {}
     started = time.time()
 
-    _stage("1/6 tiny ACE-Step 1.5 checkpoint (acedist model tiny)")
+    _stage("1/7 tiny ACE-Step 1.5 checkpoint (acedist model tiny)")
     model_dir = out / "tiny-turbo"
     _acedist("model", "tiny", "--out", str(model_dir))
 
-    _stage("2/6 synthesise captioned clips with lyrics")
+    _stage("2/7 synthesise captioned clips with lyrics")
     clips = synthesize_clips(out / "songs")
     print(f"{len(clips)} clips in {out / 'songs'}")
 
-    _stage("3/6 prep to WebDataset shards on an embedded Ray cluster (acedist prep)")
+    _stage("3/7 prep to WebDataset shards on an embedded Ray cluster (acedist prep)")
     shards = out / "shards"
     _acedist("prep", str(out / "songs"), "--model", str(model_dir), "--out", str(shards))
 
-    _stage("4/6 verify the shards (acedist inspect)")
+    _stage("4/7 verify the shards (acedist inspect)")
     _acedist("inspect", str(shards))
 
-    _stage("5/6 LoRA fine-tune on the shards with Ray Train + DeepSpeed ZeRO-2 (acedist train)")
+    _stage("5/7 LoRA fine-tune on the shards with Ray Train + DeepSpeed ZeRO-2 (acedist train)")
     run_dir = out / "run"
     _acedist("train", "--config", str(CONFIGS / "train" / "turbo-lora.yaml"), "--data", str(shards),
              "--model", str(model_dir), "--output", str(run_dir), "--workers", "1",
@@ -111,17 +108,15 @@ def run(out: Path) -> dict:
     state = json.loads((run_dir / "final" / "acedist_state.json").read_text())
     report["train_steps"] = state["step"]
 
-    _stage("6/6 render the validation prompt with the trained LoRA (tiny random model: expect noise)")
-    from diffusers import AceStepPipeline
+    _stage("6/7 export the LoRA for diffusers, upstream ACE-Step (PEFT) and ComfyUI (acedist export)")
+    exported = out / "export"
+    _acedist("export", str(run_dir), "--out", str(exported), "--format", "all", "--name", "demo-lora")
 
-    family = AceStep15.load(model_dir)
-    pipe = family.pipeline()
-    AceStepPipeline.load_lora_weights(pipe, str(run_dir / "final" / "lora.safetensors"))
-    record = Record(key="demo", caption=CLIPS[0][1], lyrics=CLIPS[0][2], bpm=CLIPS[0][3], keyscale=CLIPS[0][4],
-                    timesignature=CLIPS[0][5], language="en")
-    audio = family.generate(record, duration=4.0, seed=0, pipeline=pipe)
-    wav = write_audio(out / "sample.wav", audio[0].numpy(), family.sample_rate)
-    print(f"wrote {wav} ({audio.shape[-1] / family.sample_rate:.1f} s, {family.sample_rate} Hz)")
+    _stage("7/7 render with the exported LoRA (acedist generate; tiny random model: expect noise)")
+    wav = out / "sample.wav"
+    _acedist("generate", "--model", str(model_dir), "--lora", str(exported / "comfyui" / "demo-lora.safetensors"),
+             "--prompt", CLIPS[0][1], "--lyrics", CLIPS[0][2], "--bpm", str(CLIPS[0][3]), "--keyscale", CLIPS[0][4],
+             "--timesignature", CLIPS[0][5], "--language", "en", "--duration", "4", "--seed", "0", "--out", str(wav))
     samples = sum(1 for _ in open(shards / "manifest.jsonl"))
     report.update(samples=samples, sample=str(wav), seconds=round(time.time() - started, 1))
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
