@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from acestep_dist.audio import probe_audio
 from acestep_dist.config import PrepConfig, load_config
 from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import model_dimensions, model_fingerprint, resolve_checkpoint
-from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows
+from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows, window_offsets
 from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_name, shard_name, write_shard
@@ -58,6 +60,40 @@ def _records_per_shard(config: PrepConfig, dims) -> int:
         + 2 * dims.text_dim * _TEXT_TOKENS_ESTIMATE
     )
     return max(1, int(config.shard_size_mb * 1e6 // bytes_per_record))
+
+
+def _windows_per_record(records: Sequence[Record], config: PrepConfig) -> list[int]:
+    """How many windows each input becomes: 1, except in ``segments`` mode, where a long file is
+    split into many (file headers only; an unreadable file counts 1 and is rejected later)."""
+    if config.crop != "segments":
+        return [1] * len(records)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def count(record: Record) -> int:
+        try:
+            duration = probe_audio(record.audio).duration
+        except Exception:
+            return 1
+        return len(window_offsets(duration, config, record.key)[0]) if math.isfinite(duration) else 1
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(count, records))
+
+
+def _pack_shards(records: Sequence[Record], config: PrepConfig, windows_per_shard: int) -> list[list[Record]]:
+    """Consecutive inputs per shard, up to the shard's window budget (an input is never split)."""
+    shards: list[list[Record]] = []
+    current: list[Record] = []
+    used = 0
+    for record, windows in zip(records, _windows_per_record(records, config)):
+        if current and used + windows > windows_per_shard:
+            shards.append(current)
+            current, used = [], 0
+        current.append(record)
+        used += windows
+    if current:
+        shards.append(current)
+    return shards
 
 
 def _plan_hash(records: Sequence[Record]) -> str:
@@ -193,8 +229,7 @@ def run_prep(
     with fs.open(state_path, "w") as f:
         json.dump({"fingerprint": fingerprint, "model": model, "source": str(source), "config": config.model_dump()}, f, indent=1)
 
-    per_shard = _records_per_shard(config, dims)
-    shards = [listing.records[i : i + per_shard] for i in range(0, len(listing.records), per_shard)]
+    shards = _pack_shards(listing.records, config, _records_per_shard(config, dims))
     plans = [_plan_hash(members) for members in shards]
     markers: dict[int, ShardMarker] = {}
     for index, plan in enumerate(plans):

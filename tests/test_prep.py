@@ -233,3 +233,15 @@ def test_alternative_captions_are_encoded_beside_the_caption(tmp_path, corpus, p
     check = subprocess.run([sys.executable, "-m", "acestep_dist.cli", "inspect", str(out)], capture_output=True,
                            text=True, env=_env(), timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_segments_mode_sizes_shards_by_windows_not_inputs(corpus):
+    from acestep_dist.records import Record
+    from pipelines.prep import _pack_shards
+
+    long = corpus / "broken" / "long_12min.mp3"  # 720 s: twelve 60 s segments
+    short = sorted((corpus / "music").glob("*.wav"))[0]
+    records = [Record(key=f"k{i}", audio=str(p)) for i, p in enumerate([short, short, long, short, short, short])]
+    segments = PrepConfig(crop="segments", max_duration=60)
+    assert [len(s) for s in _pack_shards(records, segments, 5)] == [2, 1, 3]  # the long file fills a shard alone
+    assert [len(s) for s in _pack_shards(records, PrepConfig(max_duration=60), 5)] == [5, 1]
