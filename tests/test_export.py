@@ -206,3 +206,17 @@ def test_cli_export_and_generate(reference_run, prep_model, tmp_path):
     bad = subprocess.run(cli + ["export", str(tmp_path), "--out", str(tmp_path / "f")], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "is not an acedist run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_repaint_renders_and_cover_without_the_audio_tokenizer_fails_clearly(prep_model, corpus, tmp_path):
+    source = sorted((corpus / "music").glob("*.wav"))[0]
+    request = GenerateRequest(prompt="calm piano", duration=2.0, steps=2, src_audio=str(source), repaint=(0.5, 1.5))
+    generate(str(prep_model), request, tmp_path / "repaint.wav", log=lambda _: None)
+    audio, rate = read_audio_simple(tmp_path / "repaint.wav")
+    assert rate == 48000 and audio.shape == (2, 96000) and abs(audio).max() > 0
+    with pytest.raises(UserError, match="cover with this model failed.*audio_tokenizer"):
+        generate(str(prep_model), GenerateRequest(prompt="calm", duration=2.0, steps=2, src_audio=str(source)),
+                 tmp_path / "cover.wav", log=lambda _: None)
+    with pytest.raises(UserError, match="--repaint needs --src-audio"):
+        generate(str(prep_model), GenerateRequest(prompt="calm", duration=2.0, repaint=(0.1, 0.5)),
+                 tmp_path / "x.wav", log=lambda _: None)
