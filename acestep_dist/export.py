@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .families.ace_step_15.lora_formats import LoraWeights, read_lora, write_comfyui, write_diffusers, write_peft
+from .families.ace_step_15.lora_formats import read_lora, write_comfyui, write_diffusers, write_peft
 
 STATE_FILE = "acedist_state.json"
 LORA_FILE = "lora.safetensors"

@@ -62,14 +62,19 @@ def cpu_stage() -> dict:
             "realtime_per_core": round(audio_seconds / cpu, 1)}
 
 
-def ray_speedup(model: str) -> dict:
-    """Wall time of the same prep (tiny model, corpus music) in one plain process and with Ray on 2 CPUs."""
+def ray_speedup(model: str, overrides: list[str], repeat: int = 1) -> dict:
+    """Wall time of the same prep (tiny model, corpus music listed ``repeat`` times) in one plain
+    process and with Ray on 2 CPUs."""
     import fsspec
 
     from acestep_dist.prep import LatentEncoder, TextEncoder, decode_row, plan_windows
 
     config = PrepConfig(shard_size_mb=1000)
-    listing = load_source(CORPUS / "music", config)
+    songs = load_source(CORPUS / "music", config).records
+    manifest = Path(tempfile.mkdtemp()) / "songs.jsonl"
+    manifest.write_text("".join(json.dumps({**r.to_dict(), "key": f"{r.key}_{copy}"}) + "\n"
+                                for copy in range(repeat) for r in songs))
+    listing = load_source(manifest, config)
     rows = [{"shard": 0, "index": i, "record": json.dumps(r.to_dict())} for i, r in enumerate(listing.records)]
 
     torch.set_num_threads(1)
@@ -86,11 +91,12 @@ def ray_speedup(model: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipelines.prep", str(CORPUS / "music"), "--model", model, "--out", folder,
-                        "shard_size_mb=1000"], check=True, env=env, cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "pipelines.prep", str(manifest), "--model", model, "--out", folder,
+                        "shard_size_mb=1000", *overrides], check=True, env=env, cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with_ray = time.perf_counter() - start
-    return {"plain_process_s": round(plain, 1), "ray_2_cpus_s": round(with_ray, 1), "speedup": round(plain / with_ray, 2)}
+    return {"inputs": len(listing.records), "plain_process_s": round(plain, 1), "ray_2_cpus_s": round(with_ray, 1),
+            "speedup": round(plain / with_ray, 2)}
 
 
 def shard_bytes() -> dict:
@@ -154,9 +160,10 @@ def main() -> None:
     parser.add_argument("which", choices=["cpu-stage", "ray-speedup", "shard-bytes", "worker-rss", "_rss"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--model", help="tiny checkpoint for ray-speedup (default: build one)")
+    parser.add_argument("--repeat", type=int, default=1, help="ray-speedup: list the corpus this many times")
     parser.add_argument("--latent-dim", type=int, default=4,
                         help="latent width of the built tiny model (8 makes the VAE cost dominate, as a real VAE does)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.which == "_rss":
         _rss_child(args.args[0], float(args.args[1]), float(args.args[2]))
         return
@@ -165,7 +172,7 @@ def main() -> None:
 
         args.model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", latent_dim=args.latent_dim))
     runners = {"cpu-stage": cpu_stage, "shard-bytes": shard_bytes, "worker-rss": worker_rss,
-               "ray-speedup": lambda: ray_speedup(args.model)}
+               "ray-speedup": lambda: ray_speedup(args.model, args.args, args.repeat)}
     print(json.dumps({args.which: runners[args.which]()}, indent=1))
 
 

@@ -1,6 +1,5 @@
 """Windowed decoding: seeking, channel layouts, resampling, content over extension, truncation."""
 
-import shutil
 
 import av
 import numpy as np
