@@ -108,7 +108,7 @@ def run_train(
     job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
            "loader_workers": loader_workers}
     storage, name = output.rstrip("/").rsplit("/", 1)
-    started_ray = init_ray(address)
+    started_ray = init_ray(address, dashboard=True)
     try:
         trainer = TorchTrainer(
             train_worker,
