@@ -296,6 +296,8 @@ class AceStep15:
             transformer=c.transformer,
             condition_encoder=c.condition_encoder,
             scheduler=scheduler,
+            audio_tokenizer=c.audio_tokenizer,
+            audio_token_detokenizer=c.audio_token_detokenizer,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe

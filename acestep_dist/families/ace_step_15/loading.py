@@ -27,7 +27,10 @@ from ...errors import ModelLoadError
 from .keymap import SILENCE_LATENT_KEY, upstream_configs, upstream_to_diffusers
 from .variants import VariantSpec, detect_variant
 
-ALL_PARTS = ("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer")
+ALL_PARTS = ("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer", "audio_tokenizer",
+             "audio_token_detokenizer")
+# the 5 Hz audio codec: only cover generation needs it, and a checkpoint may lack it
+AUDIO_CODEC_PARTS = ("audio_tokenizer", "audio_token_detokenizer")
 UPSTREAM_TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
 UPSTREAM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
@@ -42,6 +45,8 @@ class AceStep15Components:
     vae: Any = None
     text_encoder: Any = None
     tokenizer: Any = None
+    audio_tokenizer: Any = None
+    audio_token_detokenizer: Any = None
     transformer_config: dict = field(default_factory=dict)
 
 
@@ -131,7 +136,7 @@ def load_components(
         components = _load_diffusers(folder, parts, dtype)
     else:
         components = _load_upstream(folder, parts, dtype)
-    for name in ("transformer", "condition_encoder", "vae", "text_encoder"):
+    for name in ("transformer", "condition_encoder", "vae", "text_encoder") + AUDIO_CODEC_PARTS:
         module = getattr(components, name)
         if module is not None:
             module.to(device).eval().requires_grad_(False)
@@ -176,6 +181,11 @@ def _load_diffusers(root: Path, parts, dtype) -> AceStep15Components:
     if "vae" in parts:
         components.vae = AutoencoderOobleck.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
     _load_text_parts(root / "text_encoder", parts, dtype, components, tokenizer_folder=root / "tokenizer")
+    from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
+
+    for name, cls in zip(AUDIO_CODEC_PARTS, (AceStepAudioTokenizer, AceStepAudioTokenDetokenizer)):
+        if name in parts and (root / name / "config.json").is_file():
+            setattr(components, name, cls.from_pretrained(root, subfolder=name, torch_dtype=dtype))
     return components
 
 

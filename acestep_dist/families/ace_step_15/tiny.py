@@ -127,6 +127,16 @@ def tiny_component_configs(variant: str = "turbo", latent_dim: int = 8) -> dict[
             tie_word_embeddings=True,
             **heads,
         ),
+        # the 5 Hz audio codec (cover conditioning): FSQ levels 8x8x8x5x5x5 as upstream
+        "audio_tokenizer": dict(
+            hidden_size=condition_width, intermediate_size=2 * condition_width, audio_acoustic_hidden_dim=latent_dim,
+            pool_window_size=5, fsq_dim=condition_width, num_attention_pooler_hidden_layers=1, sliding_window=16,
+            **heads,
+        ),
+        "audio_token_detokenizer": dict(
+            hidden_size=condition_width, intermediate_size=2 * condition_width, audio_acoustic_hidden_dim=latent_dim,
+            pool_window_size=5, num_attention_pooler_hidden_layers=1, sliding_window=16, **heads,
+        ),
         "vae": dict(
             encoder_hidden_size=2 * latent_dim,  # the encoder emits mean and scale
             downsampling_ratios=[2, 4, 4, 6, 10],  # 1920x, as the real ACE-Step VAE
@@ -144,6 +154,7 @@ def build_tiny_pipeline(variant: str = "turbo", latent_dim: int = 8, seed: int =
     from diffusers import AceStepPipeline, AutoencoderOobleck, FlowMatchEulerDiscreteScheduler
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
     from diffusers.pipelines.ace_step import AceStepConditionEncoder
+    from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
     from transformers import Qwen3Config, Qwen3Model
 
     if variant not in VARIANT_NAMES:
@@ -169,6 +180,10 @@ def build_tiny_pipeline(variant: str = "turbo", latent_dim: int = 8, seed: int =
         total = condition_encoder.silence_latent.shape[1]
         reps = -(-total // frames.shape[1])
         condition_encoder.silence_latent.copy_(frames.repeat(1, reps, 1)[:, :total])
+    # built last, from their own seed, so the other components' weights do not depend on them
+    torch.manual_seed(seed + 1)
+    audio_tokenizer = AceStepAudioTokenizer(**configs["audio_tokenizer"])
+    audio_token_detokenizer = AceStepAudioTokenDetokenizer(**configs["audio_token_detokenizer"])
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
     return AceStepPipeline(
         vae=vae,
@@ -177,6 +192,8 @@ def build_tiny_pipeline(variant: str = "turbo", latent_dim: int = 8, seed: int =
         transformer=transformer,
         condition_encoder=condition_encoder,
         scheduler=scheduler,
+        audio_tokenizer=audio_tokenizer,
+        audio_token_detokenizer=audio_token_detokenizer,
     )
 
 
