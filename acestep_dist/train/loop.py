@@ -163,8 +163,13 @@ def train_worker(job: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
+            saved = json.loads((Path(folder) / STATE_FILE).read_text())
+            if saved["world_size"] != world and config.zero_stage > 0:
+                # ZeRO keeps one optimizer partition per worker: another worker count cannot load them
+                raise ValueError(f"the checkpoint was written by {saved['world_size']} workers under ZeRO-"
+                                 f"{config.zero_stage}; resume with the same number of workers")
             engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)  # our own checkpoint, written by this run
-            start_step = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+            start_step = saved["step"]
     if rank == 0:
         print(f"train: {len(refs)} samples ({plan.epoch_size} with repeats), {plan.steps_per_epoch} steps per epoch "
               f"of global batch {plan.global_batch}; {trainable.trainable_parameters:,} trainable parameters; "
