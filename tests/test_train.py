@@ -114,6 +114,10 @@ def test_killed_run_resumes_exactly(reference_run, tmp_path, train_shards, prep_
     assert result.steps == 10
     assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 5
     assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-6
+    # ZeRO's optimizer partitions belong to the worker count that wrote them
+    with pytest.raises(UserError, match="resume with the same number of workers"):
+        run_train(_config(train_batch_size=1, zero_stage=2), str(train_shards), str(prep_model), str(run),
+                  workers=2, resume=True, log=lambda _: None)
 
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes(reference_run, tmp_path, train_shards, prep_model,
