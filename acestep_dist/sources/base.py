@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import PrepConfig
 from ..errors import UserError
@@ -128,3 +128,12 @@ def metadata_fields(row: dict[str, Any], key_means_keyscale: bool = False) -> di
         "timesignature": timesignature,
         "language": None if language is None else str(language),
     }
+
+
+def find_file(name: str, roots: Sequence[Path]) -> Path | None:
+    """An absolute path as it is, a relative one under the first root that has it; None if absent."""
+    candidate = Path(name).expanduser()
+    for path in [candidate] if candidate.is_absolute() else [root / candidate for root in roots]:
+        if path.is_file():
+            return path.resolve()
+    return None

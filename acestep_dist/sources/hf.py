@@ -13,7 +13,9 @@ from typing import Any
 
 from ..config import PrepConfig
 from ..records import Record
-from .base import Problem, SourceError, SourceListing, apply_text_limits, clean_optional, metadata_fields, unique_keys
+from .base import (
+    Problem, SourceError, SourceListing, apply_text_limits, clean_optional, find_file, metadata_fields, unique_keys,
+)
 
 _AUDIO_FALLBACKS = ("audio", "filename", "file", "path", "audio_path")
 
@@ -72,13 +74,10 @@ def _audio_file(value: Any, roots: list[Path], cache_dir: Path | None) -> Path:
         return target
     if not isinstance(path, str) or not path or "\0" in path:
         raise ValueError("no audio path or bytes")
-    candidate = Path(path)
-    for base in ([] if candidate.is_absolute() else roots):
-        if (base / candidate).is_file():
-            return (base / candidate).resolve()
-    if candidate.is_absolute() and candidate.is_file():
-        return candidate
-    raise ValueError(f"audio file not found: {path}")
+    found = find_file(path, roots)
+    if found is None:
+        raise ValueError(f"audio file not found: {path}")
+    return found
 
 
 def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | None = None, *, dataset=None,

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from ..config import PrepConfig
 from ..records import Record
-from .base import Problem, SourceListing, apply_text_limits, clean_optional, unique_keys
+from .base import Problem, SourceListing, apply_text_limits, clean_optional, find_file, unique_keys
 
 UPSTREAM_COLUMNS = ("keys", "filename", "tags", "norm_lyrics")
 EMPTY_CAPTION = "music"  # what upstream trains on when a song has no tags
@@ -74,14 +74,6 @@ def search_roots(source: str | Path, audio_root: str | Path | None) -> list[Path
     return roots + [Path.cwd()]
 
 
-def _resolve(filename: str, roots: list[Path]) -> Path | None:
-    candidate = Path(filename).expanduser()
-    for path in [candidate] if candidate.is_absolute() else [root / candidate for root in roots]:
-        if path.is_file():
-            return path.resolve()
-    return None
-
-
 def _identity(row: dict[str, Any]) -> str:
     """Rows are repeats of one song when every content field is equal (speaker_emb_path is ignored)."""
     return json.dumps([row.get("keys"), row.get("filename"), row.get("tags"), row.get("norm_lyrics"),
@@ -110,7 +102,7 @@ def read_upstream(dataset, source: str | Path, audio_root: str | Path | None = N
     missing: set[str] = set()
     for row, count in songs.values():
         filename = clean_optional(row.get("filename"))
-        audio = _resolve(filename, roots) if isinstance(filename, str) and "\0" not in filename else None
+        audio = find_file(filename, roots) if isinstance(filename, str) and "\0" not in filename else None
         if audio is None:
             name = str(filename or "")
             if name not in missing:  # --no-dedupe: a missing song's repeats are one problem
