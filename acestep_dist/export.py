@@ -16,17 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .families.ace_step_15.lora_formats import read_lora, write_comfyui, write_diffusers, write_peft
+from .families.ace_step_15.lora_formats import read_lora, with_provenance, write_comfyui, write_diffusers, write_peft
+from .train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 
-STATE_FILE = "acedist_state.json"
-LORA_FILE = "lora.safetensors"
-TRANSFORMER_DIR = "transformer"
-LYRIC_ENCODER_FILE = "lyric_encoder.safetensors"
-PROVENANCE_KEY = "acedist"  # safetensors header entry: which model and variant a LoRA was trained on
 EXPORT_FORMATS = ("diffusers", "peft", "comfyui", "all")
 
 
@@ -47,7 +42,7 @@ class TrainedWeights:
 def find_trained_weights(path: str | Path) -> TrainedWeights:
     """A run folder (its ``final/``), a ``final/`` folder, or one ``checkpoint_*`` folder of a run."""
     path = Path(path)
-    for folder in (path / "final", path):
+    for folder in (path / FINAL_DIR, path):
         if (folder / STATE_FILE).is_file():
             state = json.loads((folder / STATE_FILE).read_text())
             want = LORA_FILE if state.get("model_type") == "lora" else TRANSFORMER_DIR
@@ -58,25 +53,6 @@ def find_trained_weights(path: str | Path) -> TrainedWeights:
         raise UserError(f"{path} holds checkpoints but no final/ (the run did not finish); "
                         f"pass one of its checkpoint_* folders")
     raise UserError(f"{path} is not an acedist run, final/ or checkpoint folder (no {STATE_FILE})")
-
-
-def with_provenance(file: Path, provenance: dict) -> None:
-    """Add our provenance entry to a safetensors header (the tensors are rewritten unchanged)."""
-    with safe_open(str(file), "pt") as f:
-        header = dict(f.metadata() or {})
-    header[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
-    save_file(load_file(str(file)), str(file), metadata=header)
-
-
-def read_provenance(path: str | Path) -> dict | None:
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            raw = (f.metadata() or {}).get(PROVENANCE_KEY)
-        if raw:
-            return json.loads(raw)
-    return None
 
 
 README = """Exported by acedist from {source} (step {step}, {variant}, base model {model}).

@@ -15,9 +15,8 @@ import torch
 
 from .audio import decode_window, write_audio
 from .errors import UserError
-from .export import read_provenance
 from .families.ace_step_15 import AceStep15
-from .families.ace_step_15.lora_formats import LoraWeights, read_lora, write_diffusers
+from .families.ace_step_15.lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
 from .records import Record
 
 ADAPTER = "acedist"
@@ -41,34 +40,10 @@ class GenerateRequest:
     cover_strength: float = 1.0
 
 
-def check_lora_fits(weights: LoraWeights, family: AceStep15, source: str) -> None:
-    """Every LoRA module must exist in this DiT with matching widths; a recorded variant must match."""
-    provenance = read_provenance(source)
-    if provenance and provenance.get("variant") and provenance["variant"] != family.variant.name:
-        raise UserError(f"LoRA {source} was trained on variant {provenance['variant']!r}, the model is "
-                        f"{family.variant.name!r}; use the model it was trained on")
-    modules = dict(family.components.transformer.named_modules())
-    for key, tensor in weights.state_dict.items():
-        module_name, _, part = key.rpartition(".lora_")
-        module = modules.get(module_name)
-        if module is None or not isinstance(module, torch.nn.Linear):
-            raise UserError(f"LoRA {source} targets {module_name!r}, which this model's DiT lacks "
-                            f"(a LoRA for another model size or family?)")
-        if part.startswith("A") and tensor.shape[1] != module.in_features:
-            raise UserError(f"LoRA {source}: {module_name} takes {tensor.shape[1]} inputs, the model's has "
-                            f"{module.in_features} (a LoRA for another model size?)")
-        if part.startswith("B") and tensor.shape[0] != module.out_features:
-            raise UserError(f"LoRA {source}: {module_name} gives {tensor.shape[0]} outputs, the model's has "
-                            f"{module.out_features} (a LoRA for another model size?)")
-        if tensor.shape[0 if part.startswith("A") else 1] != weights.rank:
-            raise UserError(f"LoRA {source}: {module_name} has rank {tensor.shape[0 if part.startswith('A') else 1]}, "
-                            f"the adapter config says {weights.rank}")
-
-
 def load_lora_into(pipe, family: AceStep15, path: str, scale: float = 1.0) -> LoraWeights:
     """Any of the three formats, through diffusers' own ``load_lora_weights`` (alpha kept)."""
     weights = read_lora(path)
-    check_lora_fits(weights, family, path)
+    check_fits(weights, family.components.transformer, family.variant.name, path)
     with tempfile.TemporaryDirectory() as folder:
         pipe.load_lora_weights(str(write_diffusers(weights, folder)), adapter_name=ADAPTER)
     pipe.set_adapters([ADAPTER], [scale])

@@ -21,9 +21,9 @@ from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import resolve_checkpoint
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.train.data import EpochPlan, index_shards
-from acestep_dist.train.loop import LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR, train_worker
+from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
+from acestep_dist.train.loop import train_worker
 
-FINAL_DIR = "final"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from acestep_dist.export import export
 from acestep_dist.families.ace_step_15 import AceStep15
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
 from acestep_dist.generate import GenerateRequest, generate
-from acestep_dist.train.loop import LORA_FILE
+from acestep_dist.train.layout import LORA_FILE
 from acestep_dist.train.model import build_trainable
 
 from conftest import TRAIN_COMMON

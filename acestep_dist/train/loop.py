@@ -25,13 +25,10 @@ from ..config import TrainConfig
 from ..families.ace_step_15 import AceStep15
 from ..records import Record
 from .data import EpochPlan, SampleReader, _seed, index_shards, iterate_micro_batches
+from .layout import LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 from .model import build_trainable, lora_weights
 
 CHECKPOINT_TAG = "engine"
-STATE_FILE = "acedist_state.json"
-LORA_FILE = "lora.safetensors"  # the adapter in diffusers' format, in every checkpoint
-TRANSFORMER_DIR = "transformer"  # full fine-tunes: the DiT in diffusers' format
-LYRIC_ENCODER_FILE = "lyric_encoder.safetensors"
 
 
 def _skip_shm_op_build() -> None:

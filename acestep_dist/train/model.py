@@ -12,7 +12,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..families.ace_step_15 import AceStep15
 from ..families.ace_step_15.family import TrainingBatch
-from ..families.ace_step_15.lora_formats import LoraWeights, read_lora
+from ..families.ace_step_15.lora_formats import LoraWeights, check_fits, read_lora
 
 ADAPTER_NAME = "default"
 
@@ -79,17 +79,15 @@ def build_trainable(family: AceStep15, config: TrainConfig) -> TrainableModel:
 
     if config.model_type == "lora":
         targets = family.lora_targets(config.lora_preset)
+        init = read_lora(config.init_lora) if config.init_lora else None
+        if init is not None:  # checked against the plain DiT, before adapters wrap its layers
+            _check_init_lora(init, config, targets, config.init_lora)
+            check_fits(init, transformer, family.variant.name, config.init_lora)
         # LoRA A starts random: seed it, so the start does not depend on what was loaded before
         torch.manual_seed(config.seed)
         transformer.add_adapter(lora_config(config, targets), adapter_name=ADAPTER_NAME)
-        if config.init_lora:
-            weights = read_lora(config.init_lora)
-            _check_init_lora(weights, config, targets, config.init_lora)
-            result = set_peft_model_state_dict(transformer, weights.state_dict, adapter_name=ADAPTER_NAME)
-            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if unexpected:
-                raise UserError(f"init_lora {config.init_lora} has modules this model lacks, e.g. {unexpected[0]!r} "
-                                f"(a LoRA for another model size?)")
+        if init is not None:
+            set_peft_model_state_dict(transformer, init.state_dict, adapter_name=ADAPTER_NAME)
         dit_params = [p for n, p in transformer.named_parameters() if "lora_" in n]
         for p in dit_params:
             p.requires_grad_(True)

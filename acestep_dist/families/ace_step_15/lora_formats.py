@@ -214,3 +214,52 @@ def write_comfyui(weights: LoraWeights, out: str | Path) -> Path:
         state[f"{COMFY_PREFIX}{upstream}.alpha"] = torch.tensor(float(alpha))
     save_file(state, str(out), metadata={"format": "pt"})
     return out
+
+
+# ------------------------------------------------------------------ provenance and fit
+PROVENANCE_KEY = "acedist"  # safetensors header entry: which model and variant a LoRA was trained on
+
+
+def with_provenance(file: Path, provenance: dict) -> None:
+    """Add our provenance entry to a safetensors header (the tensors are rewritten unchanged)."""
+    with safe_open(str(file), "pt") as f:
+        header = dict(f.metadata() or {})
+    header[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    save_file(load_file(str(file)), str(file), metadata=header)
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            raw = (f.metadata() or {}).get(PROVENANCE_KEY)
+        if raw:
+            return json.loads(raw)
+    return None
+
+
+def check_fits(weights: LoraWeights, transformer: torch.nn.Module, variant: str, source: str | Path) -> None:
+    """Every LoRA module must exist in this DiT with matching widths and the adapter's rank; a
+    variant recorded in the file must be this model's."""
+    provenance = read_provenance(source)
+    if provenance and provenance.get("variant") and provenance["variant"] != variant:
+        raise UserError(f"LoRA {source} was trained on variant {provenance['variant']!r}, the model is "
+                        f"{variant!r}; use the model it was trained on")
+    modules = dict(transformer.named_modules())
+    for key, tensor in weights.state_dict.items():
+        module_name, _, part = key.rpartition(".lora_")
+        module = modules.get(module_name)
+        if not isinstance(module, torch.nn.Linear):
+            raise UserError(f"LoRA {source} targets {module_name!r}, which this model's DiT lacks "
+                            f"(a LoRA for another model size or family?)")
+        is_a = part.startswith("A")
+        if is_a and tensor.shape[1] != module.in_features:
+            raise UserError(f"LoRA {source}: {module_name} takes {tensor.shape[1]} inputs, the model's has "
+                            f"{module.in_features} (a LoRA for another model size?)")
+        if not is_a and tensor.shape[0] != module.out_features:
+            raise UserError(f"LoRA {source}: {module_name} gives {tensor.shape[0]} outputs, the model's has "
+                            f"{module.out_features} (a LoRA for another model size?)")
+        rank = tensor.shape[0 if is_a else 1]
+        if rank != weights.rank:
+            raise UserError(f"LoRA {source}: {module_name} has rank {rank}, the adapter config says {weights.rank}")
