@@ -78,6 +78,15 @@ class TrainConfig(_Settings):
     lora_preset: Literal["attention", "attention+mlp"] = "attention"
     use_rslora: bool = False
     init_lora: str | None = Field(None, description="continue from a LoRA in diffusers, PEFT or ComfyUI format")
+    timestep_sampler: Literal["discrete-turbo", "max-logit-normal", "logit-normal", "uniform"] | None = Field(
+        None, description="default: the variant's upstream recipe (turbo: discrete-turbo; turbo-continuous: uniform; "
+                          "base/SFT/XL: max-logit-normal)")
+    cfg_dropout: float | None = Field(None, ge=0, le=1, description="null-condition dropout; default: the variant's "
+                                                                      "(turbo 0, base/SFT 0.15)")
+    timestep_mu: float | None = Field(None, description="logit-normal samplers; default: the checkpoint's (-0.4)")
+    timestep_sigma: float | None = Field(None, gt=0, description="logit-normal samplers; default: the checkpoint's (1.0)")
+    timestep_shift: float | None = Field(None, gt=0, description="discrete-turbo and uniform samplers; default: the "
+                                                                   "variant's sampling shift (uniform on base/SFT: 1)")
     lyrics_embedder_train: bool = Field(False, description="also train the condition encoder's lyric encoder")
     lyrics_embedder_lr: float | None = Field(None, gt=0)
     validation_prompt: str | None = None
@@ -98,6 +107,27 @@ class TrainConfig(_Settings):
         if self.lyrics_embedder_lr is not None and not self.lyrics_embedder_train:
             raise ValueError("lyrics_embedder_lr is set but lyrics_embedder_train is false")
         return self
+
+    @model_validator(mode="after")
+    def _sampler_parameters(self) -> "TrainConfig":
+        # parameters of a sampler the run does not use would be silently ignored; only knowable
+        # here when the sampler is named (the variant's default is checked when the model loads)
+        problem = sampler_parameter_problem(self.timestep_sampler, self) if self.timestep_sampler else None
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+_LOGIT_NORMAL = ("max-logit-normal", "logit-normal")
+
+
+def sampler_parameter_problem(sampler: str, config: "TrainConfig") -> str | None:
+    """Why the timestep_* settings do not fit ``sampler``, or None when they do."""
+    if sampler in _LOGIT_NORMAL and config.timestep_shift is not None:
+        return f"timestep_shift applies to the discrete-turbo and uniform samplers, not {sampler}"
+    if sampler not in _LOGIT_NORMAL and (config.timestep_mu is not None or config.timestep_sigma is not None):
+        return f"timestep_mu / timestep_sigma apply to the logit-normal samplers, not {sampler}"
+    return None
 
 
 Settings = TypeVar("Settings", bound=_Settings)

@@ -64,7 +64,7 @@ def step_time(steps: int = 60, clip_seconds: float = 20.0, batch: int = 2) -> di
     for step in range(steps):
         start = time.perf_counter()
         items = plan.micro_batch_items(step, 0, 0)
-        loss, _ = trainable.module(family.collate([reader.read(i) for i in items]), [plan.generator(i) for i in items])
+        loss, _, _ = trainable.module(family.collate([reader.read(i) for i in items]), [plan.generator(i) for i in items])
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in trainable.param_groups for p in g["params"]], 1.0)
         optimizer.step()

@@ -26,6 +26,7 @@ from acestep_dist.audio import probe_audio
 from acestep_dist.config import PrepConfig, load_config
 from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import model_dimensions, model_fingerprint, resolve_checkpoint
+from acestep_dist.paths import local_or_hub, local_path
 from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows, window_offsets
 from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
@@ -203,6 +204,8 @@ def run_prep(
     import fsspec
 
     started = time.time()
+    # Every path is made absolute here, on the driver: Ray's workers run in other directories.
+    source, model, out = local_or_hub(source), local_or_hub(model), local_path(out)
     local_out = "://" not in out
     listing = load_source(source, config, source_type, cache_dir=Path(out) / "source_audio" if local_out else None)
     folder, layout = resolve_checkpoint(model)
@@ -252,7 +255,7 @@ def run_prep(
         started_ray = init_ray(address)
         try:
             # a hub id is passed on as is: each worker node fills its own cache; a path must be shared storage
-            model_ref = str(folder) if os.path.exists(model) else model
+            model_ref = str(folder) if os.path.isabs(model) else model
             dataset = _build_dataset(rows, model_ref, config, dims.sample_rate)
             pending: dict[int, list[dict]] = {}
             expected = {index: len(shards[index]) for index in todo}

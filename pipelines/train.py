@@ -19,6 +19,7 @@ from typing import Sequence
 from acestep_dist.config import TrainConfig, load_config
 from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import resolve_checkpoint
+from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.train.data import EpochPlan, index_shards
 from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
@@ -68,6 +69,18 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def resolve_config_paths(config: TrainConfig) -> TrainConfig:
+    """The config with its file settings fixed on the driver: ``init_lora`` absolute, and a
+    ``validation_lyrics`` that names a file replaced by the file's text."""
+    updates = {}
+    if config.init_lora:
+        updates["init_lora"] = local_path(config.init_lora)
+    lyrics = existing_file_text(config.validation_lyrics)
+    if lyrics != config.validation_lyrics:
+        updates["validation_lyrics"] = lyrics
+    return config.model_copy(update=updates) if updates else config
+
+
 def run_train(
     config: TrainConfig,
     data: str,
@@ -86,15 +99,15 @@ def run_train(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Every path is made absolute here, on the driver: workers run in other directories.
+    data, output, model = local_path(data), local_path(output), local_or_hub(model)
+    config = resolve_config_paths(config)
     refs = index_shards(data)  # clear errors before any worker starts
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
     folder, _ = resolve_checkpoint(model)
-    model_ref = str(folder) if os.path.exists(model) else model  # a hub id: each node fills its own cache
-    if "://" not in data:
-        data = str(Path(data).resolve())
-    if "://" not in output:
-        output = str(Path(output).resolve())
+    # a hub id stays a hub id: each node fills its own cache; a folder must be on storage every node reaches
+    model_ref = str(folder) if os.path.isabs(model) else model
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
     if _has_checkpoints(fs, root) and not resume:

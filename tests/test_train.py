@@ -57,6 +57,16 @@ def _eval_loss(model: Path, data: Path, init_lora: str | None) -> float:
     return float(torch.stack(losses).mean())
 
 
+def _timestep_histograms(run: Path) -> dict[int, tuple]:
+    """step -> (count, min, max, sum) of the ``train/timesteps`` histogram in the run's TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={HISTOGRAMS: 0}).Reload()
+    return {event.step: (event.histogram_value.num, event.histogram_value.min, event.histogram_value.max,
+                         round(event.histogram_value.sum, 5))
+            for event in events.Histograms("train/timesteps")}
+
+
 def test_training_lowers_the_loss_and_renders_validation_audio(reference_run, train_shards, prep_model):
     before = _eval_loss(prep_model, train_shards, None)
     after = _eval_loss(prep_model, train_shards, str(reference_run / "final" / "lora.safetensors"))
@@ -68,6 +78,12 @@ def test_training_lowers_the_loss_and_renders_validation_audio(reference_run, tr
         info = probe_audio(wav)
         assert info.sample_rate == 48000 and abs(info.duration - 2.0) < 0.05
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
+    # the recipe the run drew from, in the state and as a TensorBoard histogram per log window
+    assert state["recipe"] == {"timestep_sampler": "discrete-turbo", "cfg_dropout": 0.0}
+    histograms = _timestep_histograms(reference_run)
+    assert sorted(histograms) == [5, 10]
+    for count, low, high, _ in histograms.values():
+        assert count == 10 and 0.3 - 1e-6 <= low <= high <= 1.0  # 5 steps x batch 2, from the turbo table
     assert len([p for p in reference_run.glob("checkpoint_*") if p.is_dir()]) == 2
 
 
@@ -78,6 +94,8 @@ def test_two_workers_give_the_weights_of_one_worker(reference_run, tmp_path, tra
     run_train(_config(train_batch_size=1, zero_stage=zero_stage), str(train_shards), str(prep_model), str(run),
               workers=2, loader_workers=1 if zero_stage == 3 else 0, log=lambda _: None)
     assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-5
+    # the histogram gathers both workers' timesteps: keyed draws, so the same ones as one worker
+    assert _timestep_histograms(run) == _timestep_histograms(reference_run)
 
 
 def _env(**extra) -> dict[str, str]:

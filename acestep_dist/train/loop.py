@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import TrainConfig
@@ -171,7 +172,7 @@ def train_worker(job: dict[str, Any]) -> None:
         print(f"train: {len(refs)} samples ({plan.epoch_size} with repeats), {plan.steps_per_epoch} steps per epoch "
               f"of global batch {plan.global_batch}; {trainable.trainable_parameters:,} trainable parameters; "
               f"steps {start_step} -> {total_steps} on {world} worker(s), {'GPU' if use_gpu else 'CPU fp32'}, "
-              f"ZeRO-{config.zero_stage}", flush=True)
+              f"ZeRO-{config.zero_stage}; {trainable.recipe.describe()}", flush=True)
 
     writer = None
     if rank == 0:
@@ -184,6 +185,7 @@ def train_worker(job: dict[str, Any]) -> None:
 
     reader = SampleReader(refs)
     step, window_loss, window_samples, window_start = start_step, [], 0, time.perf_counter()
+    window_timesteps: list[torch.Tensor] = []
     for micro_batch in iterate_micro_batches(plan, reader, rank, start_step, total_steps, job.get("loader_workers", 0)):
         step, micro = micro_batch["step"], micro_batch["micro"]
         if step == crash_at and rank == world - 1 and start_step == 0 and micro == 0:
@@ -192,10 +194,11 @@ def train_worker(job: dict[str, Any]) -> None:
         torch.manual_seed(_seed(config.seed, "dropout", step, micro, rank))
         batch = family.collate(micro_batch["samples"]).to(device)
         generators = [plan.generator(item) for item in micro_batch["items"]]
-        loss, _ = engine(batch, generators)
+        loss, _, timesteps = engine(batch, generators)
         engine.backward(loss)
         engine.step()
         window_loss.append(loss.detach().float())
+        window_timesteps.append(timesteps.detach().float().cpu())
         window_samples += len(generators)
         if micro != config.gradient_accumulation_steps - 1:
             continue
@@ -203,9 +206,13 @@ def train_worker(job: dict[str, Any]) -> None:
 
         if done % config.log_interval == 0 or done == total_steps:
             mean_loss = torch.stack(window_loss).mean()
+            drawn = torch.cat(window_timesteps)
             if world > 1:
                 torch.distributed.all_reduce(mean_loss)
                 mean_loss /= world
+                every_rank = [None] * world
+                torch.distributed.all_gather_object(every_rank, drawn)
+                drawn = torch.cat(every_rank)
             elapsed = time.perf_counter() - window_start
             steps_in_window = len(window_loss) / config.gradient_accumulation_steps
             metrics = {"loss": float(mean_loss), "lr": scheduler.get_last_lr()[0],
@@ -219,7 +226,9 @@ def train_worker(job: dict[str, Any]) -> None:
                 if writer is not None:
                     for name, value in metrics.items():
                         writer.add_scalar(f"train/{name}", value, done)
-            window_loss, window_samples, window_start = [], 0, time.perf_counter()
+                    # the timesteps the recipe drew in this window: a user sees what the run trains on
+                    writer.add_histogram("train/timesteps", drawn.numpy(), done, bins=np.linspace(0.0, 1.0, 41))
+            window_loss, window_samples, window_timesteps, window_start = [], 0, [], time.perf_counter()
 
         if config.validation_step_interval and done % config.validation_step_interval == 0:
             _validate(engine, trainable, family, config, run, done, writer, rank)
@@ -233,6 +242,8 @@ def train_worker(job: dict[str, Any]) -> None:
                 if rank == 0:
                     state = {"step": done, "total_steps": total_steps, "model": job["model"], "data": job["data"],
                              "variant": family.variant.name, "model_type": config.model_type,
+                             "recipe": {"timestep_sampler": trainable.recipe.sampler_name,
+                                        "cfg_dropout": trainable.recipe.cfg_dropout},
                              "config": config.model_dump(), "world_size": world, "started_at_step": start_step}
                     (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1))
                 ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(folder))

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, sampler_parameter_problem
 from ..errors import UserError
+from ..flow import TrainingRecipe
 from ..families.ace_step_15 import AceStep15
 from ..families.ace_step_15.family import TrainingBatch
 from ..families.ace_step_15.lora_formats import LoraWeights, check_fits, read_lora
@@ -23,9 +24,10 @@ class FlowMatchingModule(torch.nn.Module):
     Holds the modules as children so DeepSpeed (ZeRO-3 included) partitions and hooks them all;
     the family's loss calls the same module objects."""
 
-    def __init__(self, family: AceStep15, lyric_embedding: torch.nn.Module):
+    def __init__(self, family: AceStep15, lyric_embedding: torch.nn.Module, recipe: TrainingRecipe):
         super().__init__()
         self.family = [family]  # a list: not a submodule, just a handle
+        self.recipe = recipe
         self.transformer = family.components.transformer
         self.condition_encoder = family.components.condition_encoder
         self.lyric_embedding = lyric_embedding
@@ -34,7 +36,7 @@ class FlowMatchingModule(torch.nn.Module):
                              persistent=False)
 
     def forward(self, batch: TrainingBatch, generators: Sequence[torch.Generator]):
-        return self.family[0].training_loss(batch, generators, self.lyric_embedding, self.null_condition)
+        return self.family[0].training_loss(batch, generators, self.lyric_embedding, self.null_condition, self.recipe)
 
 
 @dataclass
@@ -43,6 +45,21 @@ class TrainableModel:
     module: FlowMatchingModule
     param_groups: list[dict]
     trainable_parameters: int
+
+    @property
+    def recipe(self) -> TrainingRecipe:
+        return self.module.recipe
+
+
+def training_recipe(family: AceStep15, config: TrainConfig) -> TrainingRecipe:
+    """The run's timestep sampler and CFG dropout: the variant's upstream recipe unless the config
+    names its own."""
+    sampler = config.timestep_sampler or family.variant.default_sampler
+    problem = sampler_parameter_problem(sampler, config)
+    if problem:
+        raise UserError(f"{problem} (the {family.variant.name} variant's default sampler)")
+    return family.variant.recipe(sampler, config.cfg_dropout, mu=config.timestep_mu, sigma=config.timestep_sigma,
+                                 shift=config.timestep_shift)
 
 
 def lora_config(config: TrainConfig, targets: Sequence[str]):
@@ -112,7 +129,8 @@ def build_trainable(family: AceStep15, config: TrainConfig) -> TrainableModel:
     total = sum(p.numel() for group in groups for p in group["params"])
     if total == 0:
         raise UserError("nothing to train: the configuration leaves every parameter frozen")
-    return TrainableModel(family, FlowMatchingModule(family, lyric_embedding), groups, total)
+    module = FlowMatchingModule(family, lyric_embedding, training_recipe(family, config))
+    return TrainableModel(family, module, groups, total)
 
 
 def lora_weights(transformer: torch.nn.Module, config: TrainConfig, targets: Sequence[str]) -> LoraWeights:

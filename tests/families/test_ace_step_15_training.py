@@ -51,7 +51,7 @@ def test_padded_batch_loss_is_mean_of_single_sample_losses(tiny_base):
     assert [s["latent_mean"].shape[0] for s in samples] == [50, 39, 20]
     seeds = [11, 12, 13]
     with torch.no_grad():
-        loss, per_sample = family.training_loss(family.collate(samples), per_sample_generators(seeds))
+        loss, per_sample, _ = family.training_loss(family.collate(samples), per_sample_generators(seeds))
         alone = [family.training_loss(family.collate([s]), per_sample_generators([seed]))[0] for s, seed in zip(samples, seeds)]
     assert torch.allclose(per_sample, torch.stack(alone), atol=1e-5)
     assert torch.allclose(loss, torch.stack(alone).mean(), atol=1e-6)
@@ -93,8 +93,44 @@ def test_loss_trains_the_dit(tiny_turbo):
     family = AceStep15.load(tiny_turbo)
     transformer = family.components.transformer.train().requires_grad_(True)
     batch = family.collate(_samples(family))
-    loss, _ = family.training_loss(batch, per_sample_generators([1, 2, 3]))
+    loss, _, _ = family.training_loss(batch, per_sample_generators([1, 2, 3]))
     loss.backward()
     grads = [p.grad for p in transformer.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert family.lora_targets("attention") == ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def test_the_run_config_chooses_the_recipe_the_loss_draws_from(tiny_turbo, tiny_base):
+    """timestep_sampler / cfg_dropout from the config reach the loss; parameters of a sampler the run
+    does not use are refused, also when the sampler is the variant's default."""
+    import pytest
+
+    from acestep_dist.config import TrainConfig, load_config
+    from acestep_dist.errors import ConfigError, UserError
+    from acestep_dist.flow import MaxLogitNormalTimesteps
+    from acestep_dist.train.model import build_trainable, training_recipe
+
+    turbo = AceStep15.load(tiny_turbo)
+    assert training_recipe(turbo, TrainConfig()).sampler_name == "discrete-turbo"
+    chosen = build_trainable(turbo, TrainConfig(timestep_sampler="max-logit-normal", cfg_dropout=1.0)).recipe
+    assert isinstance(chosen.timestep_sampler, MaxLogitNormalTimesteps) and chosen.cfg_dropout == 1.0
+    samples = _samples(turbo)[:1]
+    other_text = dict(samples[0], text_states=torch.randn_like(samples[0]["text_states"]))
+    with torch.no_grad():
+        def loss(sample, recipe):
+            return turbo.training_loss(turbo.collate([sample]), per_sample_generators([7]), recipe=recipe)
+        dropped, _, t = loss(samples[0], chosen)
+        # every condition dropped: the text no longer matters, and t is a continuous draw, not a table value
+        assert torch.equal(dropped, loss(other_text, chosen)[0])
+        assert float(t[0]) not in turbo.variant.recipe().timestep_sampler.values
+
+    with pytest.raises(ConfigError, match="timestep_mu / timestep_sigma apply to the logit-normal samplers"):
+        load_config(TrainConfig, None, ["timestep_sampler=discrete-turbo", "timestep_mu=0.2"])
+    with pytest.raises(ConfigError, match="timestep_sampler"):
+        load_config(TrainConfig, None, ["timestep_sampler=cosine"])
+    with pytest.raises(ConfigError, match="cfg_dropout"):
+        load_config(TrainConfig, None, ["cfg_dropout=1.5"])
+    base = AceStep15.load(tiny_base, ("transformer", "condition_encoder"))
+    with pytest.raises(UserError, match="timestep_shift applies .* not max-logit-normal .*base variant's default"):
+        training_recipe(base, TrainConfig(timestep_shift=2.0))
+    assert training_recipe(base, TrainConfig(timestep_mu=0.1)).timestep_sampler == MaxLogitNormalTimesteps(0.1, 1.0)

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ...flow import cfg_dropout_mask, masked_mse_per_sample, noise_latents
+from ...flow import TrainingRecipe, cfg_dropout_mask, masked_mse_per_sample, noise_latents
 from ...records import Record
 from . import prompts
 from .attention import install_padding_masks
@@ -214,9 +214,11 @@ class AceStep15:
         generators: Sequence[torch.Generator],
         lyric_embedding: torch.nn.Module | None = None,
         null_condition: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Variant-aware flow-matching loss: ``(mean over samples, per-sample losses [B])``.
+        recipe: TrainingRecipe | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Variant-aware flow-matching loss: ``(mean over samples, per-sample losses [B], timesteps [B])``.
 
+        ``recipe`` is the timestep sampler and CFG dropout (default: the variant's upstream recipe).
         ``null_condition`` stands in for the condition encoder's ``null_condition_emb`` (a trainer
         passes a plain copy: under ZeRO-3 a parameter read outside its module's forward is empty).
 
@@ -228,14 +230,15 @@ class AceStep15:
         dtype = next(transformer.parameters()).dtype
         B, T, C = batch.latent_mean.shape
         lengths = batch.frame_mask.sum(dim=1).tolist()
-        sampler = self.variant.timestep_sampler
+        recipe = recipe or self.variant.recipe()
+        sampler = recipe.timestep_sampler
         t = torch.empty(B)
         dropped = torch.zeros(B, dtype=torch.bool)
         eps = torch.zeros(B, T, C)
         noise = torch.zeros(B, T, C)
         for i, (generator, length) in enumerate(zip(generators, lengths, strict=True)):
             t[i] = sampler.sample(1, generator)[0]
-            dropped[i] = cfg_dropout_mask(1, self.variant.cfg_dropout, generator)[0]
+            dropped[i] = cfg_dropout_mask(1, recipe.cfg_dropout, generator)[0]
             eps[i, :length] = torch.randn(length, C, generator=generator)
             noise[i, :length] = torch.randn(length, C, generator=generator)
         x0 = batch.latent_mean + batch.latent_std * eps.to(device)
@@ -272,7 +275,7 @@ class AceStep15:
             return_dict=False,
         )[0]
         per_sample = masked_mse_per_sample(prediction, target, batch.frame_mask)
-        return per_sample.mean(), per_sample
+        return per_sample.mean(), per_sample, t
 
     def lora_targets(self, preset: str = "attention") -> tuple[str, ...]:
         if preset not in LORA_PRESETS:

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ...errors import ModelLoadError
-from ...flow import DiscreteTimesteps, LogitNormalTimesteps, TimestepSampler, UniformTimesteps
+from ...flow import (
+    TIMESTEP_SAMPLERS,
+    DiscreteTimesteps,
+    LogitNormalTimesteps,
+    MaxLogitNormalTimesteps,
+    TimestepSampler,
+    TrainingRecipe,
+    UniformTimesteps,
+)
 
 VARIANT_NAMES = (
     "turbo",
@@ -33,16 +41,52 @@ class VariantSpec:
     name: str
     is_turbo: bool
     is_xl: bool
-    timestep_sampler: TimestepSampler
+    default_sampler: str  # one of flow.TIMESTEP_SAMPLERS: how upstream trains this variant
     cfg_dropout: float  # fraction of training samples whose condition becomes null_condition_emb
     default_steps: int
     default_guidance: float
     default_shift: float
+    timestep_mu: float = -0.4  # the checkpoint's logit-normal parameters (config.json)
+    timestep_sigma: float = 1.0
 
     @property
     def family_variant(self) -> str:
         """turbo / base / sft without the XL prefix or the shift suffix."""
         return self.name.removeprefix("xl-").split("-")[0]
+
+    @property
+    def timestep_sampler(self) -> TimestepSampler:
+        return self.recipe().timestep_sampler
+
+    def recipe(
+        self,
+        sampler: str | None = None,
+        cfg_dropout: float | None = None,
+        *,
+        mu: float | None = None,
+        sigma: float | None = None,
+        shift: float | None = None,
+    ) -> TrainingRecipe:
+        """The training draws: this variant's upstream defaults, or the ones a run chooses.
+
+        ``shift`` applies to ``discrete-turbo`` (the table of the 8-step sampler at that shift) and
+        ``uniform`` (shifted uniform draws); it defaults to the variant's sampling shift for turbo
+        variants, and to 1 (unshifted) for uniform draws on base / SFT, which sample with many steps.
+        """
+        name = sampler or self.default_sampler
+        if name not in TIMESTEP_SAMPLERS:
+            raise ValueError(f"unknown timestep sampler {name!r}; known: {', '.join(TIMESTEP_SAMPLERS)}")
+        mu = self.timestep_mu if mu is None else mu
+        sigma = self.timestep_sigma if sigma is None else sigma
+        if name == "discrete-turbo":
+            chosen: TimestepSampler = DiscreteTimesteps.shifted(8, self.default_shift if shift is None else shift)
+        elif name == "uniform":
+            chosen = UniformTimesteps(shift=(self.default_shift if self.is_turbo else 1.0) if shift is None else shift)
+        elif name == "logit-normal":
+            chosen = LogitNormalTimesteps(mu=mu, sigma=sigma)
+        else:
+            chosen = MaxLogitNormalTimesteps(mu=mu, sigma=sigma)
+        return TrainingRecipe(name, chosen, self.cfg_dropout if cfg_dropout is None else cfg_dropout)
 
 
 def variant_spec(name: str, timestep_mu: float = -0.4, timestep_sigma: float = 1.0) -> VariantSpec:
@@ -51,15 +95,13 @@ def variant_spec(name: str, timestep_mu: float = -0.4, timestep_sigma: float = 1
     is_xl = name.startswith("xl-")
     kind = name.removeprefix("xl-")
     if kind.startswith("turbo"):
-        # Turbo is distilled for 8 shifted steps; training draws t from that same schedule.
+        # Turbo is distilled for 8 shifted steps; the original trainer draws t from that same schedule.
         shift = 1.0 if kind == "turbo-shift1" else 3.0
-        sampler: TimestepSampler = (
-            UniformTimesteps(shift=shift) if kind == "turbo-continuous" else DiscreteTimesteps.shifted(8, shift)
-        )
-        return VariantSpec(name, True, is_xl, sampler, 0.0, 8, 1.0, shift)
-    sampler = LogitNormalTimesteps(mu=timestep_mu, sigma=timestep_sigma)
-    # upstream base/SFT inference: 30 steps, guidance 7 through APG
-    return VariantSpec(name, False, is_xl, sampler, 0.15, 30, 7.0, 3.0)
+        sampler = "uniform" if kind == "turbo-continuous" else "discrete-turbo"
+        return VariantSpec(name, True, is_xl, sampler, 0.0, 8, 1.0, shift, timestep_mu, timestep_sigma)
+    # upstream base/SFT: the model's own sample_t_r (max of two logit-normal draws), 15 % null
+    # condition; inference: 30 steps, guidance 7 through APG
+    return VariantSpec(name, False, is_xl, "max-logit-normal", 0.15, 30, 7.0, 3.0, timestep_mu, timestep_sigma)
 
 
 def detect_variant(transformer_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> VariantSpec:

@@ -1,0 +1,78 @@
+"""Every path option of every command, given relative to a working directory that is neither the
+repository nor where Ray runs its workers (Ray Train workers run in the run's folder inside Ray's
+session directory): the driver resolves them all before anything reaches Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from acestep_dist.audio import probe_audio
+from acestep_dist.config import TrainConfig
+from acestep_dist.demo import CLIPS, synthesize_clips
+from acestep_dist.families.ace_step_15 import AceStep15
+from acestep_dist.families.ace_step_15.lora_formats import read_lora, write_diffusers
+from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
+from acestep_dist.train.model import build_trainable, lora_weights
+
+from test_convert import save_upstream
+
+ROOT = Path(__file__).resolve().parents[1]
+LYRICS = "[verse]\nfrom a file, relative to where you stand"
+
+
+def _acedist(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # PYTHONPATH: the checkout under test, whichever directory the command runs in
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "acestep_dist.cli", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"acedist {' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path):
+    # `work/model` reads like a hub id (org/name): the folder of that name must win
+    work = tmp_path / "work"
+    write_tiny_checkpoint(work / "model", variant="turbo", latent_dim=4)
+    synthesize_clips(work / "audio", seconds=3.0)
+    names = [name for name, *_ in CLIPS]
+    save_upstream(work / "upstream", [(name, f"{name}.flac", ["demo"], "", {}) for name in names], repeat=2)
+    (work / "lyrics.txt").write_text(LYRICS, encoding="utf-8")
+    (work / "prep.yaml").write_text("max_duration: 2\n")
+    (work / "train.yaml").write_text("max_train_steps: 2\ncheckpointing_steps: 2\ngradient_accumulation_steps: 1\n"
+                                     "lr_warmup_steps: 0\nvalidation_step_interval: 2\nvalidation_audio_duration: 1\n"
+                                     "validation_prompt: demo\n")
+    config = TrainConfig(lora_rank=4, lora_alpha=4)
+    family = AceStep15.load(str(work / "model"), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
+    targets = family.lora_targets(config.lora_preset)
+    init = lora_weights(build_trainable(family, config).family.components.transformer, config, targets)
+    write_diffusers(init, work / "init")
+
+    _acedist(tmp_path, "convert", "work/upstream", "--out", "work/songs.jsonl", "--audio-root", "work/audio")
+    _acedist(tmp_path, "prep", "work/songs.jsonl", "--model", "work/model", "--out", "work/shards",
+             "--config", "work/prep.yaml")
+    _acedist(tmp_path, "inspect", "work/shards")
+    _acedist(tmp_path, "train", "--config", "work/train.yaml", "--data", "work/shards", "--model", "work/model",
+             "--output", "work/run", "--workers", "1", "lora_rank=4", "lora_alpha=4",
+             "init_lora=work/init/pytorch_lora_weights.safetensors", "validation_lyrics=work/lyrics.txt")
+    state = json.loads((work / "run" / "final" / "acedist_state.json").read_text())
+    assert state["step"] == 2 and state["model"] == str(work / "model") and state["data"] == str(work / "shards")
+    assert state["config"]["init_lora"] == str(work / "init" / "pytorch_lora_weights.safetensors")
+    assert state["config"]["validation_lyrics"] == LYRICS  # read on the driver
+    assert (work / "run" / "samples" / "step-2.wav").is_file()
+    trained = read_lora(work / "run" / "final" / "lora.safetensors").state_dict
+    started = read_lora(work / "init" / "pytorch_lora_weights.safetensors").state_dict
+    assert trained.keys() == started.keys() and any(not torch.equal(trained[k], started[k]) for k in trained)
+
+    _acedist(tmp_path, "export", "work/run", "--out", "work/export")
+    _acedist(tmp_path, "generate", "--model", "work/model", "--lora", "work/export/peft", "--prompt", "demo",
+             "--lyrics", "work/lyrics.txt", "--src-audio", f"work/audio/{names[0]}.flac", "--repaint", "0.5", "1.0",
+             "--duration", "3", "--out", "work/out.wav")
+    assert abs(probe_audio(work / "out.wav").duration - 3.0) < 0.05
