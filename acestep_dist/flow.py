@@ -96,7 +96,11 @@ class TrainingRecipe:
     cfg_dropout: float
 
     def describe(self) -> str:
-        return f"timesteps {self.sampler_name} {self.timestep_sampler}, cfg_dropout {self.cfg_dropout:g}"
+        def short(value):
+            return [round(v, 4) for v in value] if isinstance(value, tuple) else round(value, 4)
+
+        parameters = ", ".join(f"{name}={short(value)}" for name, value in vars(self.timestep_sampler).items())
+        return f"timesteps {self.sampler_name} ({parameters}), cfg_dropout {self.cfg_dropout:g}"
 
 
 def cfg_dropout_mask(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
