@@ -212,7 +212,8 @@ def export(run, out, fmt, name) -> None:
 @click.option("--lora-scale", default=1.0, show_default=True, type=float)
 @click.option("--prompt", required=True, help="the caption: genre, instruments, mood, ...")
 @click.option("--lyrics", help="lyrics text, or a path to a lyrics file (default: instrumental)")
-@click.option("--duration", default=30.0, show_default=True, type=float, help="seconds")
+@click.option("--duration", type=float,
+              help="seconds (default 30; with --src-audio the source's length, which --duration may only repeat)")
 @click.option("--bpm", type=int)
 @click.option("--keyscale", help='e.g. "A minor"')
 @click.option("--timesignature", help='beats per bar, e.g. "4"')
@@ -223,7 +224,8 @@ def export(run, out, fmt, name) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--src-audio", type=click.Path(dir_okay=False, exists=True),
               help="source audio: cover it, or repaint part of it with --repaint")
-@click.option("--repaint", nargs=2, type=float, metavar="START END", help="seconds of --src-audio to regenerate")
+@click.option("--repaint", nargs=2, type=float, metavar="START END",
+              help="seconds of --src-audio to regenerate (0 <= START < END <= its length)")
 @click.option("--cover-strength", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.wav (float) or FILE.flac")
 def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps,

@@ -206,29 +206,3 @@ def test_cli_export_and_generate(reference_run, prep_model, tmp_path):
     bad = subprocess.run(cli + ["export", str(tmp_path), "--out", str(tmp_path / "f")], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "is not an acedist run" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_repaint_and_cover_render_and_cover_without_the_audio_codec_fails_clearly(prep_model, corpus, tmp_path):
-    source = sorted((corpus / "music").glob("*.wav"))[0]
-    request = GenerateRequest(prompt="calm piano", duration=2.0, steps=2, src_audio=str(source), repaint=(0.5, 1.5))
-    generate(str(prep_model), request, tmp_path / "repaint.wav", log=lambda _: None)
-    repainted, rate = read_audio_simple(tmp_path / "repaint.wav")
-    assert rate == 48000 and repainted.shape == (2, 96000) and abs(repainted).max() > 0
-    cover = GenerateRequest(prompt="calm piano", duration=2.0, steps=2, src_audio=str(source), cover_strength=0.5)
-    generate(str(prep_model), cover, tmp_path / "cover.wav", log=lambda _: None)
-    covered, _ = read_audio_simple(tmp_path / "cover.wav")
-    assert covered.shape == (2, 96000) and abs(covered - repainted).max() > 1e-4
-
-    no_codec = tmp_path / "no-codec"  # a checkpoint converted without the 5 Hz audio tokenizer
-    shutil.copytree(prep_model, no_codec)
-    for name in ("audio_tokenizer", "audio_token_detokenizer"):
-        shutil.rmtree(no_codec / name)
-    index = json.loads((no_codec / "model_index.json").read_text())
-    (no_codec / "model_index.json").write_text(json.dumps({k: v for k, v in index.items()
-                                                           if k not in ("audio_tokenizer", "audio_token_detokenizer")}))
-    with pytest.raises(UserError, match="cover with this model failed.*audio_tokenizer"):
-        generate(str(no_codec), GenerateRequest(prompt="calm", duration=2.0, steps=2, src_audio=str(source)),
-                 tmp_path / "cover2.wav", log=lambda _: None)
-    with pytest.raises(UserError, match="--repaint needs --src-audio"):
-        generate(str(prep_model), GenerateRequest(prompt="calm", duration=2.0, repaint=(0.1, 0.5)),
-                 tmp_path / "x.wav", log=lambda _: None)

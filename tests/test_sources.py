@@ -2,6 +2,7 @@
 
 import csv
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from acestep_dist.audio import write_audio
 from acestep_dist.config import PrepConfig
+from acestep_dist.families.ace_step_15.prompts import text_prompt
 from acestep_dist.sources import SourceError, load_source
 from acestep_dist.sources.base import make_key
 
@@ -167,3 +169,97 @@ def test_manifest_key_is_the_sample_id_not_the_musical_key(tmp_path):
                         + json.dumps({"key": "song_two", "audio": str(audio), "caption": "c"}) + "\n")
     records = load_source(manifest, PrepConfig()).records
     assert [(r.key, r.keyscale) for r in records] == [("song_one", "A minor"), ("song_two", None)]
+
+
+# ---- the ACE-Step 1.5 dataset builder's trigger word and caption rules (upstream's get_training_prompt)
+
+def _builder_json(folder: Path, samples: list[dict], **metadata) -> Path:
+    """A dataset JSON as upstream's builder saves it: top-level ``metadata`` + ``samples``."""
+    audio = folder / "tone.wav"
+    if not audio.exists():
+        write_audio(audio, np.zeros((2, 4800), np.float32) + 0.1, 48000)
+    rows = [{"id": f"s{i}", "audio_path": "tone.wav", "filename": "tone.wav", "caption": "", "genre": "",
+             "lyrics": "[Instrumental]", "is_instrumental": True, "custom_tag": "", "labeled": True,
+             "prompt_override": None, **sample} for i, sample in enumerate(samples)]
+    path = folder / "dataset.json"
+    path.write_text(json.dumps({"metadata": {"name": "t", "custom_tag": "", "tag_position": "prepend",
+                                             "genre_ratio": 0, **metadata}, "samples": rows}))
+    return path
+
+
+@pytest.mark.parametrize("position, tagged, tag_only", [
+    ("prepend", "zx8bit, calm piano", "zx8bit"),
+    ("append", "calm piano, zx8bit", "zx8bit"),
+    ("replace", "zx8bit", "zx8bit"),
+])
+def test_builder_custom_tag_in_each_position(tmp_path, position, tagged, tag_only):
+    source = _builder_json(tmp_path, [
+        {"caption": "calm piano", "custom_tag": "zx8bit"},
+        {"caption": "", "custom_tag": "zx8bit"},  # upstream: the tag alone
+        {"caption": "calm piano"},  # no tag of its own: the dataset's
+        {"caption": "calm piano", "custom_tag": "other", "alt_captions": ["soft keys", "calm piano"]},
+    ], custom_tag="zx8bit", tag_position=position)
+    records = load_source(source, PrepConfig()).records
+    assert [r.caption for r in records] == [tagged, tag_only, tagged, tagged.replace("zx8bit", "other")]
+    # alternative captions (ours, not upstream's) carry the tag too; "replace" leaves none
+    assert records[3].alt_captions == (() if position == "replace" else
+                                       ({"prepend": "other, soft keys", "append": "soft keys, other"}[position],))
+    # end to end: the string the text encoder gets carries the trigger word
+    assert f"# Caption\n{tagged}\n\n# Metas\n" in text_prompt(records[0])
+
+
+def test_builder_genre_ratio_and_prompt_override_follow_upstream(tmp_path):
+    samples = [{"caption": f"caption {i}", "genre": f"genre {i}"} for i in range(10)]
+    samples[3]["labeled"] = False  # upstream preprocesses labeled samples only: not in its draw
+    source = _builder_json(tmp_path, samples, genre_ratio=30, custom_tag="zx8bit", tag_position="append")
+    records = load_source(source, PrepConfig()).records
+    # upstream's select_genre_indices: random.seed(42), shuffle the labeled samples' positions, the first
+    # int(n * ratio / 100) take their genre
+    labeled = [i for i in range(10) if i != 3]
+    order = list(range(len(labeled)))
+    state = random.getstate()
+    random.seed(42)
+    random.shuffle(order)
+    random.setstate(state)
+    picked = {labeled[j] for j in order[: int(len(labeled) * 30 / 100)]}
+    assert len(picked) == 2
+    for i, record in enumerate(records):
+        source_field = "genre" if i in picked else "caption"
+        assert record.caption == f"{source_field} {i}, zx8bit"
+        assert record.extra == ({"prompt_from": "genre"} if i in picked else {})
+    assert load_source(source, PrepConfig()).records == records  # the same draw every time
+
+    # prompt_override beats the ratio both ways; ratio 100 gives every other sample its genre
+    samples = [{"caption": "c0", "genre": "g0", "prompt_override": "caption"},
+               {"caption": "c1", "genre": "g1"},
+               {"caption": "c2", "genre": "g2", "prompt_override": "genre"}]
+    records = load_source(_builder_json(tmp_path, samples, genre_ratio=100), PrepConfig()).records
+    assert [r.caption for r in records] == ["c0", "g1", "g2"]
+    records = load_source(_builder_json(tmp_path, samples, genre_ratio=0), PrepConfig()).records
+    assert [r.caption for r in records] == ["c0", "c1", "g2"]
+
+    # a sample whose prompt is its genre but which has none (and no tag) is rejected like a missing caption
+    listing = load_source(_builder_json(tmp_path, [{"caption": "c", "prompt_override": "genre"}]), PrepConfig())
+    assert not listing.records and "missing genre" in listing.rejected[0].reason
+
+
+@pytest.mark.parametrize("metadata, message", [
+    (dict(tag_position="middle"), "metadata.tag_position must be one of prepend, append, replace; got 'middle'"),
+    (dict(tag_position=None), "metadata.tag_position"),
+    (dict(genre_ratio=150), "metadata.genre_ratio must be a number from 0 to 100"),
+    (dict(genre_ratio=-0.5), "metadata.genre_ratio"),
+    (dict(genre_ratio="50"), "metadata.genre_ratio .*got '50'"),
+    (dict(genre_ratio=True), "metadata.genre_ratio"),
+    (dict(genre_ratio=None), "metadata.genre_ratio"),
+    (dict(custom_tag=["a"]), "metadata.custom_tag must be text"),
+])
+def test_builder_bad_settings_name_the_field(tmp_path, metadata, message):
+    with pytest.raises(SourceError, match=message):
+        load_source(_builder_json(tmp_path, [{"caption": "c"}], **metadata), PrepConfig())
+
+
+def test_builder_bad_prompt_override_rejects_the_sample(tmp_path):
+    listing = load_source(_builder_json(tmp_path, [{"caption": "c", "prompt_override": "Genre"}, {"caption": "d"}]),
+                          PrepConfig())
+    assert [r.caption for r in listing.records] == ["d"]
+    assert "prompt_override must be 'caption', 'genre' or null; got 'Genre'" in listing.rejected[0].reason
