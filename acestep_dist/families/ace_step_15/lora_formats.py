@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
@@ -83,89 +83,168 @@ def _to_upstream_module(module: str) -> str:
 
 
 # ------------------------------------------------------------------ reading
-def detect_format(path: str | Path) -> str:
-    path = Path(path)
+WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "lora.safetensors")  # diffusers' name, a training run's
+_PREFIXES = {"diffusers": DIFFUSERS_PREFIX, "peft": PEFT_PREFIX, "comfyui": COMFY_PREFIX}
+
+
+def _weights_file(path: Path) -> Path:
+    """The safetensors file a LoRA argument names: the file itself, or the one in a LoRA folder."""
     if path.is_dir():
-        if (path / PEFT_CONFIG).is_file() and (path / PEFT_WEIGHTS).is_file():
-            return "peft"
-        for name in ("pytorch_lora_weights.safetensors", "lora.safetensors"):
+        for name in (PEFT_WEIGHTS, *WEIGHT_FILES):
             if (path / name).is_file():
-                return detect_format(path / name)
-        raise UserError(f"{path}: a LoRA folder needs {PEFT_CONFIG} + {PEFT_WEIGHTS} (PEFT) or a .safetensors file")
+                return path / name
+        raise UserError(f"{path}: a LoRA folder needs {PEFT_CONFIG} + {PEFT_WEIGHTS} (PEFT) or a .safetensors file "
+                        f"({', '.join(WEIGHT_FILES)})")
     if not path.is_file():
         raise UserError(f"LoRA {path} does not exist")
     if path.suffix != ".safetensors":
         raise UserError(f"LoRA {path}: only .safetensors files are read (pickled weights are never loaded)")
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-    if keys and all(k.startswith(DIFFUSERS_PREFIX) for k in keys):
-        return "diffusers"
-    if keys and all(k.startswith(COMFY_PREFIX) for k in keys):
-        return "comfyui"
-    sample = ", ".join(keys[:3])
-    raise UserError(f"LoRA {path}: keys are neither diffusers' (transformer.*) nor ComfyUI's (diffusion_model.decoder.*): "
-                    f"{sample}")
-
-
-def _file_of(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("pytorch_lora_weights.safetensors", "lora.safetensors"):
-            if (path / name).is_file():
-                return path / name
     return path
 
 
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header entries of a LoRA file."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"LoRA {file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def _format_of(keys, file: Path) -> str:
+    """The format a file's keys are spelled in; every key must carry the one prefix."""
+    if not keys:
+        raise UserError(f"LoRA {file} holds no tensors")
+    for kind, prefix in _PREFIXES.items():
+        if all(key.startswith(prefix) for key in keys):
+            return kind
+    sample = ", ".join(sorted(keys)[:3])
+    raise UserError(f"LoRA {file}: not a LoRA of the ACE-Step DiT: its keys are not all diffusers' "
+                    f"({DIFFUSERS_PREFIX}*), PEFT's ({PEFT_PREFIX}*) or ComfyUI's ({COMFY_PREFIX}*): {sample}")
+
+
+def _json_table(text: str, where: str) -> dict:
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not valid JSON ({error})") from None
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: a JSON {type(table).__name__}, not an object of settings")
+    return table
+
+
+def _positive(table: dict, key: str, where: str, integer: bool = False) -> float | int | None:
+    """``table[key]`` as a positive number, None when it is absent."""
+    value = table.get(key)
+    if value is None:
+        return None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or value <= 0 or (integer and value != int(value)):
+        raise UserError(f"{where}: {key} is {value!r}, not a positive {'whole ' if integer else ''}number")
+    return int(value) if integer else float(value)
+
+
+def _lora_state(tensors: dict[str, torch.Tensor], prefix: str, file: Path, upstream_names: bool,
+                alphas: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """The file's lora_A / lora_B matrices in diffusers' module names (``lora_down`` / ``lora_up``
+    are the same matrices). With ``alphas``, ComfyUI's per-module ``.alpha`` scalars are collected
+    there; any other key is not part of a LoRA and stops the read."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name = key[len(prefix):]
+        if alphas is not None and name.endswith(".alpha"):
+            if value.numel() != 1:
+                raise UserError(f"LoRA {file}: {key} holds {value.numel()} values, not one alpha")
+            module = name[: -len(".alpha")]
+            alphas[_to_diffusers_module(module) if upstream_names else module] = float(value)
+            continue
+        match = _LORA_KEY.match(name)
+        if match is None:
+            raise UserError(f"LoRA {file}: {key!r} is not a LoRA matrix (a LoRA holds only <module>.lora_A.weight "
+                            f"and <module>.lora_B.weight): not a LoRA file, or one with other weights in it")
+        if value.ndim != 2 or not value.is_floating_point():
+            raise UserError(f"LoRA {file}: {key} is a {value.dtype} tensor of shape {tuple(value.shape)}, "
+                            f"not a LoRA matrix")
+        module = _to_diffusers_module(match["module"]) if upstream_names else match["module"]
+        part = {"down": "A", "up": "B"}.get(match["part"], match["part"])
+        name = f"{module}.lora_{part}.weight"
+        if name in state:
+            raise UserError(f"LoRA {file}: {module} has its lora_{part} matrix twice (lora_A/lora_down or lora_B/lora_up)")
+        state[name] = value
+    for module in sorted({key.rsplit(".lora_", 1)[0] for key in state}):
+        down, up = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
+        if down is None or up is None:
+            raise UserError(f"LoRA {file}: {module} has lora_{'B' if down is None else 'A'} but no "
+                            f"lora_{'A' if down is None else 'B'} (an incomplete file?)")
+        if down.shape[0] != up.shape[1]:
+            raise UserError(f"LoRA {file}: {module} has lora_A of rank {down.shape[0]} but lora_B of rank {up.shape[1]}")
+    return state
+
+
+def _peft_config(file: Path) -> dict:
+    where = f"LoRA config {file}"
+    try:
+        config = _json_table(file.read_text(encoding="utf-8"), where)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{where}: unreadable ({error})") from None
+    if config.get("peft_type") not in (None, "LORA"):
+        raise UserError(f"{where}: a {config['peft_type']} adapter, not a LoRA")
+    for key, what in (("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas")):
+        if config.get(key):
+            raise UserError(f"{where}: {what} ({key}) are not supported; only a uniform rank and alpha")
+    if config.get("use_dora"):
+        raise UserError(f"{where}: a DoRA adapter (use_dora); only plain LoRA is supported")
+    return config
+
+
+def detect_format(path: str | Path) -> str:
+    """``diffusers``, ``peft`` or ``comfyui``: how the LoRA ``path`` names is spelled."""
+    file = _weights_file(Path(path))
+    return _format_of(_read_safetensors(file)[0].keys(), file)
+
+
 def read_lora(path: str | Path) -> LoraWeights:
-    """Any of the three formats -> ``LoraWeights`` in diffusers names."""
-    path = Path(path)
-    kind = detect_format(path)
+    """Any of the three formats -> ``LoraWeights`` in diffusers names. ``path`` is a LoRA file, a
+    PEFT folder, PEFT's ``adapter_model.safetensors`` itself (its ``adapter_config.json`` beside
+    it), or a folder holding one diffusers file. Anything else is refused, naming the file and why."""
+    file = _weights_file(Path(path))
+    tensors, header = _read_safetensors(file)
+    kind = _format_of(tensors.keys(), file)
     if kind == "peft":
-        config = json.loads((path / PEFT_CONFIG).read_text())
-        raw = load_file(str(path / PEFT_WEIGHTS))
-        state = {}
-        for key, value in raw.items():
-            if not key.startswith(PEFT_PREFIX):
-                raise UserError(f"{path / PEFT_WEIGHTS}: unexpected key {key!r} (want {PEFT_PREFIX}...)")
-            module, _, rest = key[len(PEFT_PREFIX):].partition(".lora_")
-            state[f"{_to_diffusers_module(module)}.lora_{rest}"] = value
-        rank = int(config.get("r") or _rank_of(state))
+        config_file = file.parent / PEFT_CONFIG
+        if not config_file.is_file():
+            raise UserError(f"LoRA {file}: PEFT weights need their {PEFT_CONFIG} (rank, alpha) beside them")
+        config = _peft_config(config_file)
+        state = _lora_state(tensors, PEFT_PREFIX, file, upstream_names=True)
+        rank = _positive(config, "r", f"LoRA config {config_file}", integer=True) or _rank_of(state)
+        alpha = _positive(config, "lora_alpha", f"LoRA config {config_file}") or float(rank)
         targets = config.get("target_modules") or ()
         targets = tuple(sorted({_to_diffusers_module(t) for t in ([targets] if isinstance(targets, str) else targets)}))
-        weights = LoraWeights(state, rank, float(config.get("lora_alpha", rank)), bool(config.get("use_rslora")), targets)
+        weights = LoraWeights(state, rank, alpha, bool(config.get("use_rslora")), targets)
     elif kind == "diffusers":
-        file = _file_of(path)
-        raw = load_file(str(file))
-        state = {k[len(DIFFUSERS_PREFIX):]: v for k, v in raw.items()}
-        with safe_open(str(file), "pt") as f:
-            header = f.metadata() or {}
-        meta = json.loads(header["lora_adapter_metadata"]) if "lora_adapter_metadata" in header else {}
+        state = _lora_state(tensors, DIFFUSERS_PREFIX, file, upstream_names=False)
+        where = f"LoRA {file}: its lora_adapter_metadata header entry"
+        meta = _json_table(header["lora_adapter_metadata"], where) if "lora_adapter_metadata" in header else {}
         meta = {k[len(DIFFUSERS_PREFIX):] if k.startswith(DIFFUSERS_PREFIX) else k: v for k, v in meta.items()}
-        rank = int(meta.get("r") or _rank_of(state))
-        notes = [] if "lora_alpha" in meta else ["no adapter metadata in the file: alpha taken as the rank (scale 1)"]
-        weights = LoraWeights(state, rank, float(meta.get("lora_alpha", rank)), bool(meta.get("use_rslora")),
+        rank = _positive(meta, "r", where, integer=True) or _rank_of(state)
+        alpha = _positive(meta, "lora_alpha", where)
+        notes = [] if alpha is not None else ["no adapter metadata in the file: alpha taken as the rank (scale 1)"]
+        weights = LoraWeights(state, rank, float(rank) if alpha is None else alpha, bool(meta.get("use_rslora")),
                               tuple(meta.get("target_modules") or ()) and _targets_of(meta["target_modules"]), notes)
     else:
-        raw = load_file(str(_file_of(path)))
-        state, alphas = {}, {}
-        for key, value in raw.items():
-            name = key[len(COMFY_PREFIX):]
-            if name.endswith(".alpha"):
-                alphas[_to_diffusers_module(name[: -len(".alpha")])] = float(value)
-                continue
-            match = _LORA_KEY.match(name)
-            if match is None:
-                raise UserError(f"LoRA {path}: unexpected key {key!r}")
-            part = {"down": "A", "up": "B"}.get(match["part"], match["part"])
-            state[f"{_to_diffusers_module(match['module'])}.lora_{part}.weight"] = value
+        alphas: dict[str, float] = {}
+        state = _lora_state(tensors, COMFY_PREFIX, file, upstream_names=True, alphas=alphas)
+        if not state:
+            raise UserError(f"LoRA {file} holds no LoRA weights")
         rank = _rank_of(state)
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
         values = {alphas.get(m, float(rank)) for m in modules}
         if len(values) != 1:
-            raise UserError(f"LoRA {path}: modules have different alphas {sorted(values)}; only a uniform alpha is supported")
+            raise UserError(f"LoRA {file}: modules have different alphas {sorted(values)}; only a uniform alpha is supported")
         notes = [] if len(alphas) == len(modules) else ["some modules have no .alpha: scale 1.0 assumed for them"]
         weights = LoraWeights(state, rank, values.pop(), False, (), notes)
     if not weights.state_dict:
-        raise UserError(f"LoRA {path} holds no LoRA weights")
+        raise UserError(f"LoRA {file} holds no LoRA weights")
     if not weights.targets:
         weights.targets = _targets_of(weights.modules)
     return weights
@@ -229,14 +308,20 @@ def with_provenance(file: Path, provenance: dict) -> None:
 
 
 def read_provenance(path: str | Path) -> dict | None:
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    for file in files:
+    """Our provenance entry in the header of the LoRA file ``path`` names (as ``read_lora`` finds it)."""
+    file = _weights_file(Path(path))
+    raw = _read_header(file).get(PROVENANCE_KEY)
+    if not raw:
+        return None
+    return _json_table(raw, f"LoRA {file}: its {PROVENANCE_KEY!r} header entry")
+
+
+def _read_header(file: Path) -> dict[str, str]:
+    try:
         with safe_open(str(file), "pt") as f:
-            raw = (f.metadata() or {}).get(PROVENANCE_KEY)
-        if raw:
-            return json.loads(raw)
-    return None
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"LoRA {file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
 def check_fits(weights: LoraWeights, transformer: torch.nn.Module, variant: str, source: str | Path) -> None:
