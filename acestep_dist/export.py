@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
@@ -23,6 +24,11 @@ from .families.ace_step_15.lora_formats import read_lora, with_provenance, write
 from .train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 
 EXPORT_FORMATS = ("diffusers", "peft", "comfyui", "all")
+
+
+# what export reads from a checkpoint's acedist_state.json (train/loop.py writes it), and its type
+STATE_FIELDS = {"model_type": str, "variant": str, "model": str, "step": int}
+MODEL_TYPES = ("lora", "full")
 
 
 @dataclass
@@ -39,13 +45,33 @@ class TrainedWeights:
         return {"variant": self.state["variant"], "model": self.state["model"], "step": self.state["step"]}
 
 
+def read_state(file: Path) -> dict:
+    """A checkpoint's state, with the fields export uses checked: a corrupt or cut-off file (a run
+    killed while writing it, a copy that did not finish) is named, never a traceback."""
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{file} is unreadable ({error}): the checkpoint is incomplete or corrupt") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file} holds a JSON {type(state).__name__}, not an acedist checkpoint state")
+    for field, kind in STATE_FIELDS.items():
+        if field not in state:
+            raise UserError(f"{file} lacks the field {field!r}: the checkpoint is incomplete or not acedist's")
+        value = state[field]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{file}: {field} is {value!r}, not a {kind.__name__}")
+    if state["model_type"] not in MODEL_TYPES:
+        raise UserError(f"{file}: model_type is {state['model_type']!r}, not one of {', '.join(MODEL_TYPES)}")
+    return state
+
+
 def find_trained_weights(path: str | Path) -> TrainedWeights:
     """A run folder (its ``final/``), a ``final/`` folder, or one ``checkpoint_*`` folder of a run."""
     path = Path(path)
     for folder in (path / FINAL_DIR, path):
         if (folder / STATE_FILE).is_file():
-            state = json.loads((folder / STATE_FILE).read_text())
-            want = LORA_FILE if state.get("model_type") == "lora" else TRANSFORMER_DIR
+            state = read_state(folder / STATE_FILE)
+            want = LORA_FILE if state["model_type"] == "lora" else TRANSFORMER_DIR
             if not (folder / want).exists():
                 raise UserError(f"{folder} lacks {want}: not a complete acedist checkpoint")
             return TrainedWeights(folder, state)
@@ -90,12 +116,13 @@ def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | No
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     trained = find_trained_weights(source)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     wanted = ("diffusers", "peft", "comfyui") if fmt == "all" else (fmt,)
     name = name or Path(source).resolve().name
     written: list[Path] = []
+    # the weights are read (and checked) before anything is written: a corrupt run leaves no half export
     if trained.is_lora:
         weights = read_lora(trained.folder / LORA_FILE)
+        out.mkdir(parents=True, exist_ok=True)
         if "diffusers" in wanted:
             written.append(write_diffusers(weights, out / "diffusers"))
         if "peft" in wanted:
@@ -109,7 +136,9 @@ def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | No
     else:
         if "comfyui" in wanted and fmt != "all":
             raise UserError("a full fine-tune exports as diffusers or upstream weights; comfyui is for LoRAs")
-        written += _export_full(trained, out, wanted)
+        family = _load_full(trained)
+        out.mkdir(parents=True, exist_ok=True)
+        written += _export_full(family, out, wanted)
         lyric = " and the lyric encoder" if (trained.folder / LYRIC_ENCODER_FILE).is_file() else ""
         body = FULL_README.format(lyric=lyric)
     (out / "README.txt").write_text(README.format(source=trained.folder, body=body, **trained.provenance))
@@ -118,19 +147,33 @@ def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | No
     return written
 
 
-def _export_full(trained: TrainedWeights, out: Path, wanted) -> list[Path]:
+def _load_full(trained: TrainedWeights):
     """The base pipeline with the trained DiT (and lyric encoder) swapped in."""
     from diffusers import AceStepTransformer1DModel
 
     from .families.ace_step_15 import AceStep15
-    from .families.ace_step_15.keymap import diffusers_to_upstream, upstream_config
 
     family = AceStep15.load(trained.state["model"])
     components = family.components
-    components.transformer = AceStepTransformer1DModel.from_pretrained(str(trained.folder / TRANSFORMER_DIR))
+    folder = trained.folder / TRANSFORMER_DIR
+    try:  # safetensors only: diffusers would otherwise fall back to a pickled .bin in the folder
+        components.transformer = AceStepTransformer1DModel.from_pretrained(str(folder), use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise UserError(f"{folder}: the trained DiT does not load (incomplete or corrupt?): {error}") from None
     lyric_file = trained.folder / LYRIC_ENCODER_FILE
     if lyric_file.is_file():
-        components.condition_encoder.lyric_encoder.load_state_dict(load_file(str(lyric_file)))
+        try:
+            components.condition_encoder.lyric_encoder.load_state_dict(load_file(str(lyric_file)))
+        except (OSError, RuntimeError, SafetensorError) as error:
+            raise UserError(f"{lyric_file}: the trained lyric encoder does not load (incomplete or corrupt?): "
+                            f"{error}") from None
+    return family
+
+
+def _export_full(family, out: Path, wanted) -> list[Path]:
+    from .families.ace_step_15.keymap import diffusers_to_upstream, upstream_config
+
+    components = family.components
     written = []
     if "diffusers" in wanted or "peft" in wanted:  # "peft" has no meaning for a full model: diffusers it is
         target = out / "diffusers"
