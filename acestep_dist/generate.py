@@ -12,6 +12,7 @@ length comes from the encoded source, and the prompt's metas line gives the sour
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ TEXT2MUSIC_DURATION = 30.0  # seconds, when --duration is not given and there is
 SOURCE_RATE = 48000
 # a --duration given with --src-audio must name the source's length to within this
 DURATION_TOLERANCE = 0.05
+# ACE-Step 1.5 generates up to 10 minutes: upstream's acestep/constants.py has DURATION_MAX = 600
+# (github.com/ace-step/ACE-Step-1.5), diffusers' AceStepPipeline docs say "from 10 seconds to 10
+# minutes". Beyond it the model was never trained, and the latents alone outgrow any memory
+# (100000 s would ask for terabytes). Upstream's DURATION_MIN = 10 is a quality floor, not a limit
+# of the model: shorter renders work and keep tests and demos quick, so it is not enforced.
+MAX_DURATION = 600.0
 
 
 @dataclass
@@ -51,14 +58,25 @@ class GenerateRequest:
     cover_strength: float = 1.0
 
 
-def load_lora_into(pipe, family: AceStep15, path: str, scale: float = 1.0) -> LoraWeights:
-    """Any of the three formats, through diffusers' own ``load_lora_weights`` (alpha kept)."""
-    weights = read_lora(path)
+def load_lora_into(pipe, family: AceStep15, path: str, scale: float = 1.0,
+                   weights: LoraWeights | None = None) -> LoraWeights:
+    """Any of the three formats, through diffusers' own ``load_lora_weights`` (alpha kept);
+    ``weights`` is ``read_lora(path)`` when the caller has read it already."""
+    weights = weights if weights is not None else read_lora(path)
     check_fits(weights, family.components.transformer, family.variant.name, path)
     with tempfile.TemporaryDirectory() as folder:
         pipe.load_lora_weights(str(write_diffusers(weights, folder)), adapter_name=ADAPTER)
     pipe.set_adapters([ADAPTER], [scale])
     return weights
+
+
+def _check_duration(duration: float | None) -> None:
+    if duration is None:
+        return
+    if not math.isfinite(duration) or duration <= 0:
+        raise UserError(f"--duration {duration:g}: give a number of seconds above 0 and at most {MAX_DURATION:g}")
+    if duration > MAX_DURATION:
+        raise UserError(f"--duration {duration:g}: ACE-Step 1.5 generates at most {MAX_DURATION:g} s (10 minutes)")
 
 
 def _read_source(path: str, rate: int) -> torch.Tensor:
@@ -91,18 +109,18 @@ def generate(model: str, request: GenerateRequest, out: str | Path, lora: str | 
     out = Path(out)
     if out.suffix.lower() not in (".wav", ".flac"):
         raise UserError(f"--out {out}: write a .wav or .flac file")
-    if request.duration is not None and request.duration <= 0:
-        raise UserError("--duration must be positive")
+    _check_duration(request.duration)
     if request.repaint and not request.src_audio:
         raise UserError("--repaint needs --src-audio (the audio to repaint)")
     source = None
     if request.src_audio:
         source = _read_source(request.src_audio, SOURCE_RATE)
         _check_against_source(request, source.shape[-1] / SOURCE_RATE)
+    weights = read_lora(lora) if lora else None  # a bad LoRA fails before the model loads
     family = AceStep15.load(model)
     pipe = family.pipeline()
-    if lora:
-        weights = load_lora_into(pipe, family, lora, lora_scale)
+    if weights is not None:
+        load_lora_into(pipe, family, lora, lora_scale, weights)
         log(f"generate: LoRA {lora} (rank {weights.rank}, alpha {weights.alpha:g}) at scale {lora_scale:g}")
     rate = family.sample_rate
     extra: dict = {}
