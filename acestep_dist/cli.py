@@ -208,12 +208,14 @@ def export(run, out, fmt, name) -> None:
 
 @cli.command()
 @click.option("--model", required=True, help="diffusers folder, upstream checkpoint folder, or hub id")
-@click.option("--lora", help="a LoRA in diffusers, PEFT (folder) or ComfyUI format")
+@click.option("--lora", help="a LoRA in diffusers, PEFT (folder, or its adapter_model.safetensors) or ComfyUI format")
 @click.option("--lora-scale", default=1.0, show_default=True, type=float)
 @click.option("--prompt", required=True, help="the caption: genre, instruments, mood, ...")
-@click.option("--lyrics", help="lyrics text, or a path to a lyrics file (default: instrumental)")
+@click.option("--lyrics", help="lyrics text, or a lyrics file (one line with a / or a .txt/.lyrics/.lrc/.md "
+                                "ending must be a file) (default: instrumental)")
 @click.option("--duration", type=float,
-              help="seconds (default 30; with --src-audio the source's length, which --duration may only repeat)")
+              help="seconds, at most 600 (default 30; with --src-audio the source's length, which --duration may only "
+                   "repeat)")
 @click.option("--bpm", type=int)
 @click.option("--keyscale", help='e.g. "A minor"')
 @click.option("--timesignature", help='beats per bar, e.g. "4"')
@@ -231,12 +233,10 @@ def export(run, out, fmt, name) -> None:
 def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps,
              guidance, shift, seed, src_audio, repaint, cover_strength, out) -> None:
     """Render PROMPT (and lyrics) to audio with MODEL, optionally with a LoRA."""
-    from pathlib import Path
-
     from .generate import GenerateRequest, generate as render
+    from .paths import existing_file_text
 
-    if lyrics and len(lyrics) < 4096 and "\n" not in lyrics and Path(lyrics).is_file():
-        lyrics = Path(lyrics).read_text(encoding="utf-8")
+    lyrics = existing_file_text(lyrics, option="--lyrics")
     request = GenerateRequest(prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps, guidance, shift,
                               seed, src_audio, tuple(repaint) if repaint else None, cover_strength)
     render(model, request, out, lora=lora, lora_scale=lora_scale, log=click.echo)
