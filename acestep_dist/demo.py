@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_MARKER = ".acedist-demo"
 
 CLIPS = [
     # (name, caption, lyrics or None, bpm, key, time signature, root Hz)
@@ -77,9 +78,14 @@ def run(out: Path) -> dict:
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        # a rerun replaces its own earlier demo; any other folder is the user's and stays untouched
+        if not (out / DEMO_MARKER).is_file():
+            raise SystemExit(f"{out} exists and is not a demo folder (no {DEMO_MARKER}); "
+                             f"choose another DEMO_DIR / --out, the demo deletes and rewrites its folder")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `make demo` (python -m acestep_dist.demo); rerunning replaces this folder\n")
     report: dict = {}
     started = time.time()
 

@@ -58,3 +58,14 @@ def test_user_errors_are_one_line_without_a_traceback(args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_demo_never_deletes_a_folder_it_did_not_make(tmp_path):
+    from acestep_dist.demo import run
+
+    mine = tmp_path / "songs"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    with pytest.raises(SystemExit, match="not a demo folder"):
+        run(mine)
+    assert (mine / "keep.txt").read_text() == "a user's file"
