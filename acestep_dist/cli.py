@@ -164,12 +164,16 @@ def train(overrides, config_path, data, model, output, nodes, gpus_per_node, wor
                    "the dataset folder first)")
 @click.option("--dedupe/--no-dedupe", default=True, show_default=True,
               help="collapse an upstream dataset's repeated rows into one record with repeat = their count")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="accept audio paths that lead outside --audio-root (or the default folders): absolute paths and "
+                   "../ in a dataset you trust")
 @click.option("--caption-field", "caption_fields", multiple=True,
               help="other datasets: caption column, repeatable, first non-empty wins [default: caption, prompt, tags]")
 @click.option("--lyrics-column", help="other datasets: the lyrics column [default: lyrics]")
 @click.option("--audio-column", help="other datasets: Audio or path column [default: audio]")
 @click.option("--split", help="the split of a dataset with several [default: train]")
-def convert(source, out, audio_root, dedupe, caption_fields, lyrics_column, audio_column, split) -> None:
+def convert(source, out, audio_root, dedupe, allow_outside_paths, caption_fields, lyrics_column, audio_column,
+            split) -> None:
     """Convert the Hugging Face dataset SOURCE (save_to_disk folder or hub id) to a manifest for prep.
 
     A dataset made by ACE-Step v1's convert2hf_dataset.py is recognised by its columns; any other
@@ -185,7 +189,8 @@ def convert(source, out, audio_root, dedupe, caption_fields, lyrics_column, audi
     settings = {"audio_caption_fields": list(caption_fields) or None, "lyrics_column": lyrics_column,
                 "audio_column": audio_column, "dataset_split": split}
     config = load_config(PrepConfig, None, {k: v for k, v in settings.items() if v is not None})
-    result = convert_dataset(source, out, audio_root=audio_root, dedupe=dedupe, config=config, log=click.echo)
+    result = convert_dataset(source, out, audio_root=audio_root, dedupe=dedupe, allow_outside_paths=allow_outside_paths,
+                             config=config, log=click.echo)
     sys.exit(result.exit_code)
 
 

@@ -9,6 +9,10 @@ Two kinds of dataset (a ``save_to_disk`` folder or a hub id):
   ``audio_caption_fields``, lyrics from ``lyrics_column`` (see ``sources/hf.py``). Audio stored
   inside the dataset is written once beside the manifest, in ``MANIFEST.audio/``.
 
+A dataset comes from elsewhere, so its audio paths must stay inside ``--audio-root`` (or the
+default folders): absolute paths and ``../`` leading out are refused unless ``--allow-outside-paths``.
+Every row's texts and metadata are checked as ``sources/fields.py`` says, and keys are unique.
+
 The manifest is one JSON object per song with absolute audio paths, so it can be moved, edited,
 and merged with others before prep. ``MANIFEST.report.json`` says what was read and left out.
 """
@@ -64,9 +68,12 @@ def report_path(manifest: Path) -> Path:
 
 
 def convert_dataset(source: str, out: str | Path, *, audio_root: str | Path | None = None, dedupe: bool = True,
-                    config: PrepConfig | None = None, log: Callable[[str], None] = print) -> ConvertResult:
+                    allow_outside_paths: bool = False, config: PrepConfig | None = None,
+                    log: Callable[[str], None] = print) -> ConvertResult:
     """Write the manifest (and its report) for ``source``. ``config`` supplies the generic-dataset
-    settings (``audio_caption_fields``, ``lyrics_column``, ``audio_column``, ``dataset_split``)."""
+    settings (``audio_caption_fields``, ``lyrics_column``, ``audio_column``, ``dataset_split``).
+    A dataset comes from elsewhere: its audio paths must stay inside ``audio_root`` (or the default
+    folders) unless ``allow_outside_paths``."""
     config = config or PrepConfig()
     out = Path(out).expanduser().absolute()
     if out.suffix.lower() != ".jsonl":
@@ -78,19 +85,20 @@ def convert_dataset(source: str, out: str | Path, *, audio_root: str | Path | No
     dataset = open_dataset(source, config.dataset_split)
     if is_upstream_dataset(dataset.column_names):
         kind = "upstream"
-        upstream = read_upstream(dataset, source, audio_root, dedupe)
-        records, rejected, warnings = upstream.records, upstream.unresolved, []
+        upstream = read_upstream(dataset, source, audio_root, dedupe, allow_outside_paths)
+        records, rejected, warnings = upstream.records, upstream.unresolved, upstream.warnings
         rows, duplicates = upstream.rows, upstream.duplicates
     else:
         kind = "hf"
         listing = list_hf_dataset(source, config, out.with_name(out.stem + ".audio"), dataset=dataset,
-                                  audio_root=audio_root)
+                                  audio_root=audio_root, allow_outside=allow_outside_paths)
         records, rejected, warnings = listing.records, listing.rejected, listing.warnings
         rows, duplicates = len(dataset), 0
 
     report = {
         "source": str(source), "kind": kind, "manifest": str(out), "rows": rows, "records": len(records),
         "duplicates_collapsed": duplicates, "dedupe": dedupe if kind == "upstream" else None,
+        "allow_outside_paths": allow_outside_paths,
         "rejected": [p.to_dict() for p in rejected], "warnings": [p.to_dict() for p in warnings],
     }
     _write_atomically(report_path(out), json.dumps(report, indent=1, ensure_ascii=False) + "\n")

@@ -25,12 +25,18 @@ class Record:
     alt_captions: tuple[str, ...] = ()  # alternative captions sampled at training time
     repeat: int = 1  # epoch multiplier
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where in the source the record came from (``FILE:LINE``, ``DATASET[INDEX]``, a folder's audio
+    # file), for reports and messages. Not part of what is prepared: ``to_dict`` leaves it out and
+    # equality ignores it, so the same songs listed by two sources (or a renumbered manifest) give
+    # equal records and the same shards.
+    row: str = field(default="", compare=False)
 
     def with_(self, **changes: Any) -> "Record":
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["row"]
         data["alt_captions"] = list(self.alt_captions)
         return data
 

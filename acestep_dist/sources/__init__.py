@@ -3,6 +3,10 @@
 ``load_source`` detects the kind (``--source-type`` forces it): a folder with sidecars, a
 canonical manifest, DiffSynth metadata, the ACE-Step 1.5 dataset JSON, or a Hugging Face dataset
 (one made by ACE-Step v1's upstream converter is recognised by its columns).
+
+Every source checks each row's texts and metadata as ``fields`` says, reads text files in legacy
+encodings with a warning, gives unique WebDataset-safe keys, and lists one entry per source row,
+each naming its row (``base``). A dataset's audio paths stay inside its folders (``base.find_dataset_file``).
 """
 
 from __future__ import annotations

@@ -3,41 +3,80 @@
 ``song.wav`` + ``song.txt`` (caption) + optional ``song.lyrics`` (file names configurable, e.g.
 ``{stem}_lyrics.txt``), and optionally a ``metadata.csv`` / ``metadata.jsonl`` in any folder giving
 bpm, keyscale, timesignature, language (and a caption for files without a sidecar) per file.
+Each audio file is one row of the listing; text files in a legacy encoding are read with a warning
+(``base.decode_text``); metadata values are checked as ``fields`` says.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from ..config import PrepConfig
 from ..records import Record
 from .base import (
-    AUDIO_EXTENSIONS, Problem, SourceError, SourceListing, apply_text_limits, clean_optional, metadata_fields,
-    read_text, unique_keys,
+    AUDIO_EXTENSIONS, Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, decode_text, read_text,
+    warn_row,
 )
+from .fields import RowRejected, check_fields, metadata_values
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 
 
-def _read_metadata(folder: Path) -> dict[str, dict]:
-    """file name (relative to its folder) -> row, for every metadata file under ``folder``."""
-    rows: dict[str, dict] = {}
+def _metadata_entries(path: Path, warnings: list[Problem]) -> list[tuple[int, object]]:
+    """(line, row) of one metadata file."""
+    try:
+        text, legacy = decode_text(path.read_bytes(), path.name)
+    except (OSError, ValueError) as error:
+        raise SourceError(f"{path}: cannot read metadata: {error}") from None
+    if legacy:
+        warnings.append(Problem(str(path), "source", f"{path} is not UTF-8; read as {legacy} (save it as UTF-8 "
+                                f"to be sure of its characters)"))
+    if path.suffix == ".csv":
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            entries, line = [], 1
+            for entry in reader:
+                entries.append((line + 1, entry))
+                line = reader.line_num
+            return entries
+        except csv.Error as error:
+            raise SourceError(f"{path}: cannot read metadata: {error}") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise SourceError(f"{path}:{number}: cannot read metadata: {error}") from None
+    return entries
+
+
+def _read_metadata(folder: Path, warnings: list[Problem]) -> dict[str, tuple[dict, str]]:
+    """audio file (absolute) -> (row, "FILE:LINE"), for every metadata file under ``folder``."""
+    rows: dict[str, tuple[dict, str]] = {}
     for name in METADATA_FILES:
         for path in sorted(folder.rglob(name)):
-            try:
-                if name.endswith(".csv"):
-                    with open(path, newline="", encoding="utf-8-sig") as f:
-                        entries = list(csv.DictReader(f))
-                else:
-                    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
-                raise SourceError(f"{path}: cannot read metadata: {error}") from None
-            for entry in entries:
-                file = clean_optional(entry.get("file") or entry.get("file_name") or entry.get("audio") or entry.get("filename"))
-                if file:
-                    rows[str((path.parent / file).resolve())] = entry
+            for line, entry in _metadata_entries(path, warnings):
+                where = f"{path}:{line}"
+                if not isinstance(entry, dict):
+                    raise SourceError(f"{where}: a metadata row must be an object, not {type(entry).__name__}")
+                file = clean_optional(entry.get("file") or entry.get("file_name") or entry.get("audio")
+                                      or entry.get("filename"))
+                if not isinstance(file, str):
+                    warnings.append(Problem(str(path), "source", f"metadata row names no file; ignored ({where})", where))
+                    continue
+                audio = (path.parent / file).resolve()
+                if not audio.is_file():
+                    warnings.append(Problem(str(path), "source", f"metadata row names {file}, which is not in the "
+                                            f"folder; ignored ({where})", where))
+                    continue
+                if str(audio) in rows:
+                    warnings.append(Problem(str(audio), "source", f"{file} has metadata rows at {rows[str(audio)][1]} "
+                                            f"and {where}; the later one is used", where))
+                rows[str(audio)] = (entry, where)
     return rows
 
 
@@ -48,33 +87,37 @@ def list_folder(folder: Path, config: PrepConfig) -> SourceListing:
     audio = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
     if not audio:
         raise SourceError(f"{folder}: no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))})")
-    metadata = _read_metadata(folder)
     listing = SourceListing()
-    stems = [str(p.relative_to(folder).with_suffix("")) for p in audio]
-    for path, key in zip(audio, unique_keys(stems)):
-        where = str(path)
-        row = metadata.get(str(path.resolve()), {})
+    metadata = _read_metadata(folder, listing.warnings)
+    entries = []
+    for path in audio:
+        where = str(path)  # a folder's row is its audio file
+        row, row_where = metadata.get(str(path.resolve()), ({}, where))
         caption_path = path.with_name(config.caption_file.format(stem=path.stem, name=path.name))
         lyrics_path = path.with_name(config.lyrics_file.format(stem=path.stem, name=path.name))
         try:
+            values = metadata_values(row, key_means_keyscale=True)
             if caption_path.is_file():
-                caption = read_text(caption_path)
-            elif clean_optional(row.get("caption")):
-                caption = str(row["caption"]).strip()
-            elif config.allow_missing_caption:
-                caption = ""
-                listing.warnings.append(Problem(where, "source", f"missing caption {caption_path.name}; empty caption used"))
+                values["caption"] = read_text(caption_path, where, listing.warnings, where)
             else:
-                listing.rejected.append(Problem(where, "source", f"missing caption {caption_path.name}"))
-                continue
-            lyrics = read_text(lyrics_path) if lyrics_path.is_file() else None
+                values["caption"] = row.get("caption")
+            values["lyrics"] = read_text(lyrics_path, where, listing.warnings, where) if lyrics_path.is_file() else None
+            checked, notes = check_fields(values)
+        except RowRejected as error:
+            listing.rejected.append(Problem(where, "source", f"{error} ({row_where})", where))
+            continue
         except (ValueError, OSError) as error:
-            listing.rejected.append(Problem(where, "source", str(error)))
+            listing.rejected.append(Problem(where, "source", str(error), where))
             continue
-        if not caption and not config.allow_missing_caption:
-            listing.rejected.append(Problem(where, "source", f"empty caption {caption_path.name}"))
-            continue
-        record = Record(key=key, audio=str(path), caption=caption, lyrics=lyrics or None,
-                        **metadata_fields(row, key_means_keyscale=True))
-        listing.records.append(apply_text_limits(record, config, where, listing.warnings))
+        warn_row(listing, where, row_where, notes)
+        if checked["caption"] is None:
+            reason = f"{'empty' if caption_path.is_file() else 'missing'} caption {caption_path.name}"
+            if not config.allow_missing_caption:
+                listing.rejected.append(Problem(where, "source", reason, where))
+                continue
+            listing.warnings.append(Problem(where, "source", f"{reason}; empty caption used", where))
+            checked["caption"] = ""
+        record = Record(key="", audio=str(path), row=where, **checked)
+        entries.append(Entry(str(path.relative_to(folder).with_suffix("")), record, where))
+    add_entries(listing, entries, config)
     return listing

@@ -13,9 +13,8 @@ from typing import Any
 
 from ..config import PrepConfig
 from ..records import Record
-from .base import (
-    Problem, SourceError, SourceListing, apply_text_limits, clean_optional, find_file, metadata_fields, unique_keys,
-)
+from .base import Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, find_dataset_file, warn_row
+from .fields import RowRejected, check_fields, metadata_values
 
 _AUDIO_FALLBACKS = ("audio", "filename", "file", "path", "audio_path")
 
@@ -44,21 +43,22 @@ def open_dataset(source: str | Path, split: str):
     return loaded
 
 
-def _caption(row: dict[str, Any], fields: list[str]) -> str | None:
+def _caption(row: dict[str, Any], fields: list[str]) -> Any:
+    """The first non-empty caption field as it is (``check_text`` judges it); a tag list joined."""
     for name in fields:
         value = row.get(name)
         if isinstance(value, (list, tuple)):  # tag lists
             value = ", ".join(str(v).strip() for v in value if clean_optional(v))
         if isinstance(value, dict):  # e.g. upstream's recaption struct: not a caption by itself
             continue
-        value = clean_optional(value)
-        if value:
-            return str(value)
+        if clean_optional(value) is not None:
+            return value
     return None
 
 
-def _audio_file(value: Any, roots: list[Path], cache_dir: Path | None) -> Path:
-    """A local file for an Audio cell ({bytes, path}) or a path string."""
+def _audio_file(value: Any, roots: list[Path], cache_dir: Path | None, allow_outside: bool) -> Path:
+    """A local file for an Audio cell ({bytes, path}) or a path string; a path must stay inside
+    ``roots`` unless ``allow_outside`` (``find_dataset_file``)."""
     path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
     if data:
         if cache_dir is None:
@@ -74,16 +74,15 @@ def _audio_file(value: Any, roots: list[Path], cache_dir: Path | None) -> Path:
         return target
     if not isinstance(path, str) or not path or "\0" in path:
         raise ValueError("no audio path or bytes")
-    found = find_file(path, roots)
-    if found is None:
-        raise ValueError(f"audio file not found: {path}")
-    return found
+    return find_dataset_file(path, roots, allow_outside)
 
 
 def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | None = None, *, dataset=None,
-                    audio_root: str | Path | None = None) -> SourceListing:
+                    audio_root: str | Path | None = None, allow_outside: bool = False) -> SourceListing:
     """``dataset``: already opened from ``source``; ``audio_root``: the only folder relative paths
-    are resolved against (default: the dataset folder, its parent, the current directory)."""
+    are resolved against (default: the dataset folder, its parent, the current directory); audio
+    paths must stay inside those folders unless ``allow_outside`` (a dataset comes from elsewhere).
+    One listing entry per dataset row, named ``SOURCE[INDEX]``."""
     import datasets
 
     if dataset is None:
@@ -98,7 +97,7 @@ def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | No
     if audio_root is not None:
         roots = [Path(audio_root).expanduser().resolve()]
     elif Path(source).is_dir():
-        roots = [Path(source), Path(source).parent, Path.cwd()]
+        roots = [Path(source).resolve(), Path(source).resolve().parent, Path.cwd()]
     else:
         roots = [Path.cwd()]
     listing = SourceListing()
@@ -106,18 +105,28 @@ def list_hf_dataset(source: str | Path, config: PrepConfig, cache_dir: Path | No
     for index, row in enumerate(dataset):
         where = f"{source}[{index}]"
         try:
-            audio = _audio_file(row[audio_column], roots, cache_dir)
+            audio = _audio_file(row[audio_column], roots, cache_dir, allow_outside)
         except (ValueError, OSError) as error:
-            listing.rejected.append(Problem(where, "source", str(error)))
+            listing.rejected.append(Problem(where, "source", str(error), where))
             continue
-        caption = _caption(row, config.audio_caption_fields)
-        if caption is None and not config.allow_missing_caption:
-            listing.rejected.append(Problem(str(audio), "source", f"missing caption (fields {', '.join(config.audio_caption_fields)}; {where})"))
+        values = {"caption": _caption(row, config.audio_caption_fields), "lyrics": row.get(config.lyrics_column),
+                  **metadata_values(row)}
+        try:
+            checked, notes = check_fields(values)
+        except RowRejected as error:
+            listing.rejected.append(Problem(str(audio), "source", f"{error} ({where})", where))
             continue
-        lyrics = clean_optional(row.get(config.lyrics_column))
-        stem = clean_optional(row.get("key")) or clean_optional(row.get("keys")) or audio.stem
-        entries.append((str(stem), Record(key="", audio=str(audio), caption=caption or "",
-                                          lyrics=None if lyrics is None else str(lyrics), **metadata_fields(row)), where))
-    for (stem, record, where), key in zip(entries, unique_keys([e[0] for e in entries])):
-        listing.records.append(apply_text_limits(record.with_(key=key), config, where, listing.warnings))
+        if checked["caption"] is None:
+            missing = f"missing caption (fields {', '.join(config.audio_caption_fields)}; {where})"
+            if not config.allow_missing_caption:
+                listing.rejected.append(Problem(str(audio), "source", missing, where))
+                continue
+            listing.warnings.append(Problem(str(audio), "source", f"{missing}; empty caption used", where))
+            checked["caption"] = ""
+        warn_row(listing, str(audio), where, notes)
+        explicit_key = clean_optional(row.get("key")) or clean_optional(row.get("keys"))
+        stem = str(explicit_key) if explicit_key is not None else audio.stem
+        entries.append(Entry(stem, Record(key="", audio=str(audio), row=where, **checked), str(audio),
+                             explicit=explicit_key is not None))
+    add_entries(listing, entries, config)
     return listing

@@ -17,6 +17,7 @@ manifest is the user's own file), but every path must name an existing regular f
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -26,34 +27,78 @@ from typing import Any, Iterable
 
 from ..config import PrepConfig
 from ..records import Record
-from .base import Problem, SourceError, SourceListing, apply_text_limits, clean_optional, metadata_fields, unique_keys
+from .base import Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, decode_text, warn_row
+from .fields import check_fields, check_text, metadata_values
 
 FORMATS = ("manifest", "diffsynth", "acestep-json")
 
 
-def read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+@dataclass
+class SourceRow:
+    """One row of a metadata file as read: ``where`` names it (``FILE:LINE`` for JSONL and CSV, where
+    LINE is the line it starts on; ``FILE sample N`` for a JSON list), ``value`` is what the row
+    holds (an object, or anything else a line may hold), ``error`` says why a line could not be read."""
+
+    where: str
+    value: Any = None
+    error: str | None = None
+
+
+def read_rows(path: Path, warnings: list[Problem]) -> tuple[list[SourceRow], dict[str, Any]]:
     """Rows of a .jsonl, .csv, or .json (a list, or an object with ``samples``) file, and the
-    object's top-level ``metadata`` (the dataset builder's settings; empty when there is none)."""
+    object's top-level ``metadata`` (the dataset builder's settings; empty when there is none).
+    A legacy-encoded file is read with a warning (``decode_text``); a JSONL line that is not JSON or
+    a CSV line with more values than columns is one bad row, unless no line can be read at all."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
+        text, legacy = decode_text(path.read_bytes(), path.name)
+    except (OSError, ValueError) as error:
         raise SourceError(f"{path}: cannot read: {error}") from None
+    if legacy:
+        warnings.append(Problem(str(path), "source", f"{path} is not UTF-8; read as {legacy} (save it as UTF-8 to "
+                                f"be sure of its characters)"))
+    suffix = path.suffix.lower()
     try:
-        if path.suffix.lower() == ".csv":
-            return list(csv.DictReader(text.splitlines())), {}
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()], {}
+        if suffix == ".csv":
+            return _csv_rows(path, text), {}
+        if suffix == ".jsonl":
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(SourceRow(f"{path}:{number}", json.loads(line)))
+                    except json.JSONDecodeError as error:
+                        rows.append(SourceRow(f"{path}:{number}", error=f"line {number} is not valid JSON: {error}"))
+            if rows and all(row.error for row in rows):
+                raise SourceError(f"{path}: not valid JSONL: {rows[0].error}")
+            return rows, {}
         data = json.loads(text)
     except (json.JSONDecodeError, csv.Error) as error:
-        raise SourceError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {error}") from None
+        raise SourceError(f"{path}: not valid {suffix.lstrip('.').upper()}: {error}") from None
     if isinstance(data, dict) and isinstance(data.get("samples"), list):
         metadata = data.get("metadata", {})
         if not isinstance(metadata, dict):
             raise SourceError(f"{path}: 'metadata' must be an object, not {type(metadata).__name__}")
-        return data["samples"], metadata
-    if isinstance(data, list):
-        return data, {}
-    raise SourceError(f"{path}: expected a list of rows or an object with 'samples'")
+        samples = data["samples"]
+    elif isinstance(data, list):
+        samples, metadata = data, {}
+    else:
+        raise SourceError(f"{path}: expected a list of rows or an object with 'samples'")
+    return [SourceRow(f"{path} sample {index + 1}", value) for index, value in enumerate(samples)], metadata
+
+
+def _csv_rows(path: Path, text: str) -> list[SourceRow]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, last_line = [], 1
+    for row in reader:
+        where = f"{path}:{last_line + 1}"
+        last_line = reader.line_num
+        extra = row.pop(None, None)  # values beyond the header's columns
+        if extra:
+            rows.append(SourceRow(where, error=f"line has {len(extra)} more values than the header has columns "
+                                               f"({', '.join(reader.fieldnames or [])})"))
+        else:
+            rows.append(SourceRow(where, row))
+    return rows
 
 
 TAG_POSITIONS = ("prepend", "append", "replace")
@@ -124,8 +169,10 @@ class BuilderPrompts:
             return tag
         return f"{tag}, {text}" if self.tag_position == "prepend" else f"{text}, {tag}"
 
-    def prompt(self, row: dict[str, Any], picked_for_genre: bool) -> tuple[str, str, tuple[str, ...]]:
-        """(caption, "caption" or "genre", alternative captions) for one sample; ValueError names a bad field."""
+    def prompt(self, row: dict[str, Any], picked_for_genre: bool,
+               alt_captions: tuple[str, ...] = ()) -> tuple[str, str, tuple[str, ...]]:
+        """(caption, "caption" or "genre", alternative captions) for one sample, given its checked
+        ``alt_captions``; ValueError names a bad field."""
         override = clean_optional(row.get("prompt_override"))
         if override is not None and override not in PROMPT_OVERRIDES:
             raise ValueError(f"prompt_override must be 'caption', 'genre' or null; got {override!r}")
@@ -134,16 +181,17 @@ class BuilderPrompts:
             raise ValueError(f"custom_tag must be text; got {tag!r}")
         tag = tag or self.custom_tag
         use = override or ("genre" if picked_for_genre else "caption")
-        text = str(clean_optional(row.get(use)) or "")
+        text = check_text(use, row.get(use)) or ""
         caption = self.tagged(text, tag)
         # not upstream's (its builder has no alternative captions): ours get the trigger word too, so
         # the caption of every epoch carries it; "replace" makes them all the caption, so none are left
-        alts = dict.fromkeys(self.tagged(alt, tag) for alt in _alt_captions(row.get("alt_captions")))
+        alts = dict.fromkeys(self.tagged(alt, tag) for alt in alt_captions)
         return caption, use, tuple(alt for alt in alts if alt != caption)
 
 
-def detect_format(rows: Iterable[dict[str, Any]], path: Path) -> str:
-    columns = set().union(*(row.keys() for row in rows)) if rows else set()
+def detect_format(rows: Iterable[Any], path: Path) -> str:
+    """From the columns of the rows that are objects (the others are rejected one by one later)."""
+    columns = set().union(*(row.keys() for row in rows if isinstance(row, dict)))
     if "audio_path" in columns:
         return "acestep-json"
     if "audio" in columns and "prompt" in columns and "caption" not in columns:
@@ -153,21 +201,12 @@ def detect_format(rows: Iterable[dict[str, Any]], path: Path) -> str:
     raise SourceError(f"{path}: no 'audio' or 'audio_path' column (found: {', '.join(sorted(columns)) or 'none'})")
 
 
-def _alt_captions(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = [value]
-    if not isinstance(value, (list, tuple)):
-        return ()
-    return tuple(str(v).strip() for v in value if clean_optional(v))
-
-
 def list_manifest(path: Path, config: PrepConfig, format: str | None = None) -> SourceListing:
-    rows, dataset_metadata = read_rows(path)
-    if not rows:
+    listing = SourceListing()
+    source_rows, dataset_metadata = read_rows(path, listing.warnings)
+    if not source_rows:
         raise SourceError(f"{path}: no rows")
+    rows = [row.value for row in source_rows]
     format = format or detect_format(rows, path)
     if format not in FORMATS:
         raise SourceError(f"unknown metadata format {format!r}; known: {', '.join(FORMATS)}")
@@ -175,59 +214,56 @@ def list_manifest(path: Path, config: PrepConfig, format: str | None = None) -> 
     builder = BuilderPrompts.from_metadata(dataset_metadata, path) if format == "acestep-json" else None
     genre_rows = builder.genre_rows(rows) if builder else set()
     caption_column = "prompt" if format == "diffsynth" else "caption"
-    listing = SourceListing()
     root = path.parent
     entries = []
-    for index, row in enumerate(rows):
-        where = f"{path}:{index + 1}"
+    for index, (source_row, row) in enumerate(zip(source_rows, rows)):
+        where = source_row.where
+        if source_row.error:
+            listing.rejected.append(Problem(where, "source", source_row.error, where))
+            continue
         if not isinstance(row, dict):
-            listing.rejected.append(Problem(where, "source", "row is not an object"))
+            listing.rejected.append(Problem(where, "source", f"row is not an object but {type(row).__name__} "
+                                            f"{json.dumps(row, ensure_ascii=False)[:60]} ({where})", where))
             continue
         audio = clean_optional(row.get(audio_column))
         if not isinstance(audio, str) or "\0" in audio:
-            listing.rejected.append(Problem(where, "source", f"missing or invalid {audio_column!r}"))
+            listing.rejected.append(Problem(where, "source", f"missing or invalid {audio_column!r} ({where})", where))
             continue
-        audio_path = (root / audio).resolve()
+        audio_path = (root / audio).resolve()  # a manifest is the user's own file: absolute paths are fine
         if not audio_path.is_file():
-            listing.rejected.append(Problem(str(audio_path), "source", f"audio file not found ({where})"))
+            listing.rejected.append(Problem(str(audio_path), "source", f"audio file not found ({where})", where))
             continue
-        caption = clean_optional(row.get(caption_column))
-        alt_captions = _alt_captions(row.get("alt_captions"))
-        extra = {}
-        missing = "missing caption"
-        if builder is not None:
-            try:
-                caption, prompt_from, alt_captions = builder.prompt(row, index in genre_rows)
-            except ValueError as error:
-                listing.rejected.append(Problem(str(audio_path), "source", f"{error} ({where})"))
-                continue
-            caption = caption or None
-            if prompt_from == "genre":
-                extra["prompt_from"] = "genre"
-                missing = "missing genre (the prompt for this sample) and no custom_tag"
-        if caption is None:
-            if not config.allow_missing_caption:
-                listing.rejected.append(Problem(str(audio_path), "source", f"{missing} ({where})"))
-                continue
-            listing.warnings.append(Problem(str(audio_path), "source", f"{missing} ({where}); empty caption used"))
-        lyrics = clean_optional(row.get("lyrics"))
+        values = {"caption": row.get(caption_column), "lyrics": row.get("lyrics"), "repeat": row.get("repeat"),
+                  "alt_captions": row.get("alt_captions"), **metadata_values(row)}
         if format == "acestep-json" and str(row.get("is_instrumental", "")).lower() in ("true", "1"):
-            lyrics = None
+            values["lyrics"] = None
         try:
-            repeat = int(clean_optional(row.get("repeat")) or 1)
-        except (TypeError, ValueError):
-            repeat = 0
-        if repeat < 1:
-            listing.rejected.append(Problem(str(audio_path), "source", f"repeat must be a positive integer ({where})"))
+            checked, notes = check_fields(values)
+            extra = {}
+            missing = "missing caption"
+            if builder is not None:
+                checked["caption"], prompt_from, checked["alt_captions"] = builder.prompt(
+                    row, index in genre_rows, checked["alt_captions"])
+                checked["caption"] = checked["caption"] or None
+                if prompt_from == "genre":
+                    extra["prompt_from"] = "genre"
+                    missing = "missing genre (the prompt for this sample) and no custom_tag"
+        except ValueError as error:  # RowRejected, or a builder field
+            listing.rejected.append(Problem(str(audio_path), "source", f"{error} ({where})", where))
             continue
+        if checked["caption"] is None:
+            if not config.allow_missing_caption:
+                listing.rejected.append(Problem(str(audio_path), "source", f"{missing} ({where})", where))
+                continue
+            listing.warnings.append(Problem(str(audio_path), "source", f"{missing} ({where}); empty caption used", where))
+            checked["caption"] = ""
+        warn_row(listing, str(audio_path), where, notes)
         explicit_key = clean_optional(row.get("key"))
-        stem = str(explicit_key) if explicit_key else (
-            str(Path(audio).with_suffix("")) if not Path(audio).is_absolute() else audio_path.stem
-        )
-        entries.append((stem, Record(
-            key="", audio=str(audio_path), caption=str(caption or ""), lyrics=None if lyrics is None else str(lyrics),
-            repeat=repeat, alt_captions=alt_captions, extra=extra, **metadata_fields(row),
-        ), where))
-    for (stem, record, where), key in zip(entries, unique_keys([e[0] for e in entries])):
-        listing.records.append(apply_text_limits(record.with_(key=key), config, where, listing.warnings))
+        if explicit_key is not None:
+            stem = str(explicit_key)
+        else:
+            stem = str(Path(audio).with_suffix("")) if not Path(audio).is_absolute() else audio_path.stem
+        entries.append(Entry(stem, Record(key="", audio=str(audio_path), extra=extra, row=where, **checked),
+                             str(audio_path), explicit=explicit_key is not None))
+    add_entries(listing, entries, config)
     return listing
