@@ -250,9 +250,11 @@ def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, t
 @cli.command()
 @click.argument("out")
 def inspect(out) -> None:
-    """Verify every shard in OUT (checksums, counts, tensor shapes) and summarise the dataset.
+    """Verify every shard in OUT (checksums, counts, tensor shapes, unique keys, manifest lines) and
+    summarise the dataset.
 
-    Writes OUT/inspect_report.json and OUT/inspect_report.png. Exit status 2 names each corrupt shard.
+    Writes OUT/inspect_report.json and OUT/inspect_report.png. Exit status 2 names each corrupt
+    shard, each key that occurs twice and each unreadable manifest line.
     """
     from .inspect_report import inspect_output
 

@@ -1,5 +1,6 @@
-"""`acedist inspect DIR`: verify every shard against its marker and the manifest, summarise the
-dataset, and write ``inspect_report.json`` and ``inspect_report.png`` into DIR."""
+"""`acedist inspect DIR`: verify every shard against its marker and the manifest (checksums, tensor
+shapes, one sample per key, readable manifest lines), summarise the dataset, and write
+``inspect_report.json`` and ``inspect_report.png`` into DIR."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UserError
-from .shards import ShardMarker, verify_shard
+from .shards import MANIFEST_FILE, ShardMarker, duplicate_keys, read_manifest, shard_name, verify_shard
 
 EXIT_VERIFIED, EXIT_CORRUPT = 0, 2
 
@@ -61,6 +62,7 @@ def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[s
     problems: dict[str, list[str]] = {}
     samples: list[dict[str, Any]] = []
     manifest_keys: list[str] = []
+    located: list[tuple[str, str]] = []  # (key, "shard-N.tar sample i") of every marker row
     for path in marker_paths:
         name = path.rsplit("/", 1)[-1]
         try:
@@ -70,18 +72,26 @@ def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[s
             problems[name] = [f"unreadable marker: {error}"]
             continue
         manifest_keys += [row["key"] for row in marker.samples]
+        located += [(row["key"], f"{shard_name(marker.index)} sample {i}") for i, row in enumerate(marker.samples)]
         check = verify_shard(fs, root, marker)
         if check.problems:
             problems[check.shard] = check.problems
         samples += check.samples
-    manifest_path = f"{root}/manifest.jsonl"
+    # training keeps one sample per key: a second one would silently replace the first
+    duplicated = duplicate_keys(located)
+    if duplicated:
+        problems["duplicate keys"] = duplicated
+    manifest_path = f"{root}/{MANIFEST_FILE}"
     if fs.exists(manifest_path):
-        with fs.open(manifest_path, "r") as f:
-            listed = [json.loads(line)["key"] for line in f if line.strip()]
-        if sorted(listed) != sorted(manifest_keys):
-            problems["manifest.jsonl"] = [f"lists {len(listed)} samples, the shard markers {len(manifest_keys)}"]
+        rows, bad_lines = read_manifest(fs, manifest_path)
+        listed = [row["key"] for _, row in rows]
+        manifest_problems = bad_lines + duplicate_keys((row["key"], f"line {n}") for n, row in rows)
+        if not bad_lines and sorted(listed) != sorted(manifest_keys):
+            manifest_problems.append(f"lists {len(listed)} samples, the shard markers {len(manifest_keys)}")
+        if manifest_problems:
+            problems[MANIFEST_FILE] = manifest_problems
     else:
-        problems["manifest.jsonl"] = ["missing (prep did not finish?)"]
+        problems[MANIFEST_FILE] = ["missing (prep did not finish?)"]
 
     metas = [s["meta"] for s in samples]
     stats: dict[str, Any] = {

@@ -14,11 +14,13 @@ import hashlib
 import io
 import json
 import tarfile
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -36,6 +38,15 @@ def shard_name(index: int) -> str:
 
 def marker_name(index: int) -> str:
     return f"shard-{index:06d}.json"
+
+
+MANIFEST_FILE = "manifest.jsonl"
+# what training reads from each manifest row (``repeat`` and ``alt_text_tokens`` have defaults)
+MANIFEST_REQUIRED = ("key", "shard", "frames")
+
+
+class ShardFormatError(ValueError):
+    """A shard member that cannot be what it claims to be; the message names the sample."""
 
 
 ALT_TEXT_PREFIX = "alt_text_states_"
@@ -87,6 +98,24 @@ class ShardMarker:
     @classmethod
     def from_json(cls, text: str) -> "ShardMarker":
         return cls(**json.loads(text))
+
+
+class _HashingReader:
+    """Counts and hashes what is read through it, so one pass over a shard both checks its members
+    and its checksum."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
 
 
 class _HashingWriter(io.RawIOBase):
@@ -151,7 +180,7 @@ def _safe_member(name: str) -> tuple[str, str]:
 def iter_samples(fileobj) -> Iterator[dict[str, Any]]:
     """Samples of a shard as dicts: ``key``, ``meta``, and the tensors. Raises on a malformed shard."""
     current: dict[str, Any] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|", bufsize=1 << 20) as tar:  # big reads: parsing at disk speed
         for member in tar:
             if not member.isfile():
                 raise ValueError(f"unexpected member {member.name!r} (not a regular file)")
@@ -166,13 +195,66 @@ def iter_samples(fileobj) -> Iterator[dict[str, Any]]:
         yield _finish(current)
 
 
+def decode_meta(key: str, blob: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(blob)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise ShardFormatError(f"sample {key!r}: {META_FIELD} is not JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"sample {key!r}: {META_FIELD} is not a JSON object")
+    return meta
+
+
+def decode_tensors(key: str, blob: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return unpack_tensors(blob)
+    except SafetensorError as error:
+        raise ShardFormatError(f"sample {key!r}: {TENSOR_FIELD} is not readable safetensors ({error})") from None
+
+
 def _finish(raw: dict[str, Any]) -> dict[str, Any]:
     missing = {META_FIELD, TENSOR_FIELD} - raw.keys()
     if missing:
-        raise ValueError(f"sample {raw['key']!r} lacks {', '.join(sorted(missing))}")
-    sample = {"key": raw["key"], "meta": json.loads(raw[META_FIELD])}
-    sample.update(unpack_tensors(raw[TENSOR_FIELD]))
+        raise ShardFormatError(f"sample {raw['key']!r} lacks {', '.join(sorted(missing))}")
+    sample = {"key": raw["key"], "meta": decode_meta(raw["key"], raw[META_FIELD])}
+    sample.update(decode_tensors(raw["key"], raw[TENSOR_FIELD]))
     return sample
+
+
+def duplicate_keys(located: Iterable[tuple[str, str]]) -> list[str]:
+    """One message per key that occurs more than once; ``located`` yields (key, where it is)."""
+    places: dict[str, list[str]] = defaultdict(list)
+    for key, where in located:
+        places[key].append(where)
+    return [f"key {key!r} occurs {len(where)} times: {', '.join(where)}"
+            for key, where in places.items() if len(where) > 1]
+
+
+def read_manifest(fs, path: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """(line number, row) of every usable line of a ``manifest.jsonl``, and one problem per line that
+    is not a JSON object with the fields training reads (``line N: ...``)."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    problems: list[str] = []
+    with fs.open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+                problems.append(f"line {number}: not JSON ({error})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"line {number}: not a JSON object")
+                continue
+            missing = [name for name in MANIFEST_REQUIRED if name not in row]
+            if missing:
+                problems.append(f"line {number}: lacks {', '.join(repr(m) for m in missing)}")
+            elif not (isinstance(row["key"], str) and isinstance(row["shard"], str) and isinstance(row["frames"], int)):
+                problems.append(f"line {number}: key and shard must be strings and frames an integer")
+            else:
+                rows.append((number, row))
+    return rows, problems
 
 
 @dataclass
@@ -183,24 +265,29 @@ class ShardCheck:
 
 
 def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
-    """Checksum, member count and tensor shapes of one shard against its marker."""
+    """Checksum, member count, unique keys and tensor shapes of one shard against its marker, in one
+    read of the shard."""
     name = shard_name(marker.index)
     path = f"{root}/{name}"
     if not fs.exists(path):
         return ShardCheck(name, ["missing shard file"], [])
     problems: list[str] = []
-    digest, size = file_sha256(fs, path)
-    if (digest, size) != (marker.sha256, marker.bytes):
-        problems.append(f"checksum mismatch: sha256 {digest[:12]}... ({size} bytes), marker says "
-                        f"{marker.sha256[:12]}... ({marker.bytes} bytes)")
     expected = {row["key"]: row for row in marker.samples}
     seen: list[dict[str, Any]] = []
-    try:
-        with fs.open(path, "rb") as f:
-            for sample in iter_samples(f):
-                row = expected.get(sample["key"])
+    first_position: dict[str, int] = {}
+    read_error = None
+    with fs.open(path, "rb") as f:
+        hashing = _HashingReader(f)
+        try:
+            for position, sample in enumerate(iter_samples(hashing)):
+                key = sample["key"]
+                if key in first_position:
+                    problems.append(f"key {key!r} occurs twice in the shard: samples {first_position[key]} and {position}")
+                    continue
+                first_position[key] = position
+                row = expected.get(key)
                 if row is None:
-                    problems.append(f"sample {sample['key']!r} is not in the manifest")
+                    problems.append(f"sample {key!r} is not in the manifest")
                     continue
                 shapes = {k: tuple(sample[k].shape) for k in TENSOR_DTYPES if k in sample}
                 want = {"latent_mean": row["frames"], "latent_std": row["frames"], "text_states": row["text_tokens"],
@@ -208,16 +295,25 @@ def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
                 want.update({f"{ALT_TEXT_PREFIX}{i}": n for i, n in enumerate(row.get("alt_text_tokens", []))})
                 for tensor, length in want.items():
                     if tensor not in sample:
-                        problems.append(f"sample {sample['key']!r} lacks tensor {tensor}")
+                        problems.append(f"sample {key!r} lacks tensor {tensor}")
                     elif sample[tensor].shape[0] != length or sample[tensor].dtype != _dtype(tensor):
-                        problems.append(f"sample {sample['key']!r}: {tensor} is {list(sample[tensor].shape)} "
+                        problems.append(f"sample {key!r}: {tensor} is {list(sample[tensor].shape)} "
                                         f"{sample[tensor].dtype}, manifest says {length} rows of {_dtype(tensor)}")
                 if "latent_mean" in sample and "latent_std" in sample and sample["latent_mean"].shape != sample["latent_std"].shape:
-                    problems.append(f"sample {sample['key']!r}: latent mean and std shapes differ")
-                seen.append({"key": sample["key"], "meta": sample["meta"], "shapes": shapes})
-    except Exception as error:  # corruption shows up as any of tarfile, safetensors, JSON or UTF-8 errors
-        problems.append(f"cannot read: {type(error).__name__}: {error}")
+                    problems.append(f"sample {key!r}: latent mean and std shapes differ")
+                seen.append({"key": key, "meta": sample["meta"], "shapes": shapes})
+        except ShardFormatError as error:
+            read_error = f"cannot read: {error}"
+        except Exception as error:  # corruption shows up as any of tarfile, safetensors, JSON or UTF-8 errors
+            read_error = f"cannot read: {type(error).__name__}: {error}"
+        hashing.drain()  # the checksum covers the whole file, also after a member failed to read
+    if (hashing.sha.hexdigest(), hashing.size) != (marker.sha256, marker.bytes):
+        # first: flipped or missing bytes explain every other problem
+        problems.insert(0, f"checksum mismatch: sha256 {hashing.sha.hexdigest()[:12]}... ({hashing.size} bytes), "
+                           f"marker says {marker.sha256[:12]}... ({marker.bytes} bytes)")
+    if read_error:
+        problems.append(read_error)
     missing = set(expected) - {s["key"] for s in seen}
-    if missing and not any(p.startswith("cannot read") for p in problems):
+    if missing and not read_error:
         problems.append(f"{len(missing)} manifest samples missing from the shard (e.g. {sorted(missing)[0]!r})")
     return ShardCheck(name, problems, seen)

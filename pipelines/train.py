@@ -21,10 +21,11 @@ from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import resolve_checkpoint
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
-from acestep_dist.train.data import EpochPlan, index_shards
+from acestep_dist.train.checkpoints import choose_resume_checkpoint, list_checkpoints, missing_weights
+from acestep_dist.train.data import EpochPlan, index_shards, verify_training_shards
 from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 from acestep_dist.train.loop import train_worker
-
+from acestep_dist.train.model import check_init_lora
 
 
 @dataclass
@@ -34,8 +35,43 @@ class TrainResult:
     steps: int
 
 
-def _has_checkpoints(fs, root: str) -> bool:
-    return bool(fs.glob(f"{root}/checkpoint_*")) if fs.exists(root) else False
+def _worker_failure(error: Exception) -> str:
+    """One line for a failed fit: the first failing worker's own exception (a UserError's message as
+    it is), instead of Ray's wrapper with its traceback."""
+    failures = getattr(error, "worker_failures", None) or {}  # ray.train.WorkerGroupError: rank -> exception
+    if not failures:
+        message = str(error).strip().splitlines()
+        return message[-1] if message else type(error).__name__
+    failure = failures[min(failures)]
+    failure = getattr(failure, "_base_exc", failure)  # Ray's wrapper (traceback text) keeps the original
+    lines = str(failure).strip().splitlines()
+    if isinstance(failure, UserError):
+        return lines[0] if lines else type(failure).__name__
+    return f"{type(failure).__name__}: {lines[0]}" if lines else type(failure).__name__
+
+
+def _publish_final(fs, final: str, checkpoint: str) -> dict:
+    """Copy the weights and state of the local checkpoint folder ``checkpoint`` into ``final``; a
+    run never reports success without the weights it trained."""
+    folder = Path(checkpoint)
+    state = json.loads((folder / STATE_FILE).read_text())
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    missing = missing_weights(state, files)
+    if missing:
+        raise UserError(f"checkpoint {folder.name} (step {state['step']}) lacks {', '.join(missing)}: no weights for "
+                        f"{final}; resume with --resume to redo the last steps")
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.makedirs(final, exist_ok=True)
+    for item in (LORA_FILE, TRANSFORMER_DIR, LYRIC_ENCODER_FILE, STATE_FILE):
+        source = folder / item
+        if source.exists():
+            fs.put(str(source), f"{final}/{item}", recursive=source.is_dir())
+    published = [p.split(f"{final.rstrip('/')}/", 1)[-1] for p in fs.find(final)]
+    missing = missing_weights(state, published)
+    if missing:
+        raise UserError(f"{final} lacks {', '.join(missing)} after copying it from {folder.name}")
+    return state
 
 
 def _scaling(nodes: int, gpus_per_node: int, workers: int | None):
@@ -96,13 +132,16 @@ def run_train(
     log=print,
 ) -> TrainResult:
     import fsspec
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Every path is made absolute here, on the driver: workers run in other directories.
     data, output, model = local_path(data), local_path(output), local_or_hub(model)
     config = resolve_config_paths(config)
-    refs = index_shards(data)  # clear errors before any worker starts
+    # everything that can be checked here is, before any worker starts: errors name the file
+    check_init_lora(config, model)
+    refs = index_shards(data)
+    verify_training_shards(data, sorted({ref.shard.rsplit("/", 1)[-1] for ref in refs}), log=log)
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
     folder, _ = resolve_checkpoint(model)
@@ -110,16 +149,21 @@ def run_train(
     model_ref = str(folder) if os.path.isabs(model) else model
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
-    if _has_checkpoints(fs, root) and not resume:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    earlier = list_checkpoints(fs, root)
+    if earlier and not resume:
         raise UserError(f"{output} already holds a run; pass --resume to continue it, or choose a new --output")
-    if resume and not _has_checkpoints(fs, root):
-        raise UserError(f"--resume: {output} holds no checkpoint to continue from")
+    resume_from = None
+    if resume:
+        chosen = choose_resume_checkpoint(fs, root, output, log=log)
+        resume_from = chosen.path if protocol in ("file", "local") else f"{protocol}://{chosen.path}"
     fs.makedirs(root, exist_ok=True)
     total = config.max_train_steps or config.num_train_epochs * plan.steps_per_epoch
     log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}")
 
     job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
-           "loader_workers": loader_workers}
+           "loader_workers": loader_workers, "resume_from": resume_from,
+           "earlier_checkpoints": [p.rstrip("/").rsplit("/", 1)[-1] for p in earlier]}
     storage, name = output.rstrip("/").rsplit("/", 1)
     started_ray = init_ray(address, dashboard=True)
     try:
@@ -137,9 +181,8 @@ def run_train(
         )
         try:
             result = trainer.fit()
-        except Exception as error:  # Ray wraps the worker's exception; show its last line
-            message = str(error).strip().splitlines()
-            raise UserError(f"training failed: {message[-1] if message else type(error).__name__}") from error
+        except Exception as error:  # Ray wraps the worker's exception
+            raise UserError(f"training failed: {_worker_failure(error)}") from error
     finally:
         if started_ray:
             import ray
@@ -147,16 +190,13 @@ def run_train(
             ray.shutdown()
     if result.checkpoint is None:
         raise UserError("training finished without a checkpoint")
+    checkpoint = result.checkpoint
+    if resume_from and Path(checkpoint.path).name in job["earlier_checkpoints"]:
+        # nothing left to train: Ray's latest is an earlier launch's, the weights are in the one chosen
+        checkpoint = Checkpoint(resume_from)
     final = f"{root}/{FINAL_DIR}"
-    with result.checkpoint.as_directory() as checkpoint:
-        state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
-        if fs.exists(final):
-            fs.rm(final, recursive=True)
-        fs.makedirs(final, exist_ok=True)
-        for item in (LORA_FILE, TRANSFORMER_DIR, LYRIC_ENCODER_FILE, STATE_FILE):
-            source = Path(checkpoint) / item
-            if source.exists():
-                fs.put(str(source), f"{final}/{item}", recursive=source.is_dir())
+    with checkpoint.as_directory() as local:
+        state = _publish_final(fs, final, local)
     log(f"train: done at step {state['step']}; weights in {final}")
     return TrainResult(output, final, int(state["step"]))
 

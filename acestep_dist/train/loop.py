@@ -25,6 +25,7 @@ import torch
 from ..config import TrainConfig
 from ..families.ace_step_15 import AceStep15
 from ..records import Record
+from .checkpoints import write_files_list
 from .data import EpochPlan, SampleReader, _seed, index_shards, iterate_micro_batches
 from .layout import LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 from .model import build_trainable, lora_weights
@@ -159,6 +160,13 @@ def train_worker(job: dict[str, Any]) -> None:
 
     start_step = 0
     restored = ray.train.get_checkpoint()
+    if restored is not None and Path(restored.path).name in job.get("earlier_checkpoints", ()):
+        # Ray offers the latest checkpoint of an earlier launch, which may be damaged; the driver has
+        # verified them and chosen the newest intact one. Checkpoints this launch reported (a restart
+        # after a worker failure) are Ray's to give.
+        restored = None
+    if restored is None and job.get("resume_from"):
+        restored = Checkpoint(job["resume_from"])
     if restored is not None:
         with restored.as_directory() as folder:
             saved = json.loads((Path(folder) / STATE_FILE).read_text())
@@ -246,6 +254,8 @@ def train_worker(job: dict[str, Any]) -> None:
                                         "cfg_dropout": trainable.recipe.cfg_dropout},
                              "config": config.model_dump(), "world_size": world, "started_at_step": start_step}
                     (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1))
+                # last: the list of this rank's files is what makes its part of the checkpoint count
+                write_files_list(Path(folder), rank, world, done)
                 ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(folder))
         if done == stall_after and rank == 0:
             time.sleep(3600)

@@ -83,6 +83,37 @@ def _check_init_lora(weights: LoraWeights, config: TrainConfig, targets: Sequenc
         raise UserError(f"init_lora {path} does not fit this run: " + "; ".join(problems))
 
 
+def read_init_lora(path: str) -> LoraWeights:
+    """``init_lora`` read, any failure to read it as a LoRA turned into a UserError naming the file."""
+    try:
+        return read_lora(path)
+    except UserError:
+        raise
+    except Exception as error:  # a corrupt file fails inside safetensors or JSON with their own exceptions
+        raise UserError(f"init_lora {path} cannot be read as a LoRA: {type(error).__name__}: {error}") from None
+
+
+def check_init_lora(config: TrainConfig, model: str) -> None:
+    """On the driver, before any worker starts: ``init_lora`` readable and fitting the run's rank,
+    alpha, preset and the model's DiT. The DiT is built on the meta device from its config (no
+    weights are read); a worker checks the same again when it loads the adapter."""
+    if not config.init_lora:
+        return
+    if config.model_type != "lora":
+        raise UserError("init_lora applies to model_type: lora only")
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+
+    from ..families.ace_step_15.loading import load_components
+
+    weights = read_init_lora(config.init_lora)
+    components = load_components(model, parts=())  # configs only
+    family = AceStep15(components)
+    _check_init_lora(weights, config, family.lora_targets(config.lora_preset), config.init_lora)
+    with torch.device("meta"):
+        transformer = AceStepTransformer1DModel.from_config(components.transformer_config)
+    check_fits(weights, transformer, family.variant.name, config.init_lora)
+
+
 def build_trainable(family: AceStep15, config: TrainConfig) -> TrainableModel:
     """Freeze everything, then open what the config trains: LoRA adapters (optionally initialised
     from ``init_lora``) or the whole DiT, and optionally the lyric encoder with its own rate."""
@@ -96,7 +127,7 @@ def build_trainable(family: AceStep15, config: TrainConfig) -> TrainableModel:
 
     if config.model_type == "lora":
         targets = family.lora_targets(config.lora_preset)
-        init = read_lora(config.init_lora) if config.init_lora else None
+        init = read_init_lora(config.init_lora) if config.init_lora else None
         if init is not None:  # checked against the plain DiT, before adapters wrap its layers
             _check_init_lora(init, config, targets, config.init_lora)
             check_fits(init, transformer, family.variant.name, config.init_lora)
