@@ -168,7 +168,7 @@ def test_a_batch_of_four_lengths_has_the_mean_loss_of_its_samples(train_shards, 
     generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(4)]  # noqa: E731
     trainable.module.eval()
     with torch.no_grad():
-        batch_loss, per_sample = trainable.module(family.collate(samples), generators())
+        batch_loss, per_sample, _ = trainable.module(family.collate(samples), generators())
         alone = [trainable.module(family.collate([s]), [g])[0] for s, g in zip(samples, generators())]
     assert abs(float(batch_loss) - float(torch.stack(alone).mean())) <= 1e-5
     assert torch.allclose(per_sample, torch.stack(alone), atol=1e-5)
