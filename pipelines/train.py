@@ -18,14 +18,14 @@ from typing import Sequence
 
 from acestep_dist.config import TrainConfig, load_config
 from acestep_dist.errors import UserError
-from acestep_dist.families.ace_step_15.loading import resolve_checkpoint
+from acestep_dist.families.ace_step_15.loading import load_components, resolve_checkpoint
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.train.checkpoints import choose_resume_checkpoint, list_checkpoints, missing_weights
 from acestep_dist.train.data import EpochPlan, index_shards, verify_training_shards
 from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 from acestep_dist.train.loop import train_worker
-from acestep_dist.train.model import check_init_lora
+from acestep_dist.train.model import check_init_lora, training_recipe
 
 
 @dataclass
@@ -61,6 +61,9 @@ def _publish_final(fs, final: str, checkpoint: str) -> dict:
         raise UserError(f"checkpoint {folder.name} (step {state['step']}) lacks {', '.join(missing)}: no weights for "
                         f"{final}; resume with --resume to redo the last steps")
     if fs.exists(final):
+        # final/ is replaced only when it is ours (an earlier publish left its state file there)
+        if not fs.exists(f"{final}/{STATE_FILE}"):
+            raise UserError(f"{final} exists and was not written by acedist (no {STATE_FILE}); move it away")
         fs.rm(final, recursive=True)
     fs.makedirs(final, exist_ok=True)
     for item in (LORA_FILE, TRANSFORMER_DIR, LYRIC_ENCODER_FILE, STATE_FILE):
@@ -111,7 +114,7 @@ def resolve_config_paths(config: TrainConfig) -> TrainConfig:
     updates = {}
     if config.init_lora:
         updates["init_lora"] = local_path(config.init_lora)
-    lyrics = existing_file_text(config.validation_lyrics)
+    lyrics = existing_file_text(config.validation_lyrics, option="validation_lyrics")
     if lyrics != config.validation_lyrics:
         updates["validation_lyrics"] = lyrics
     return config.model_copy(update=updates) if updates else config
@@ -140,6 +143,7 @@ def run_train(
     config = resolve_config_paths(config)
     # everything that can be checked here is, before any worker starts: errors name the file
     check_init_lora(config, model)
+    recipe = training_recipe(load_components(model, parts=()).variant, config)  # configs only, no weights
     refs = index_shards(data)
     verify_training_shards(data, sorted({ref.shard.rsplit("/", 1)[-1] for ref in refs}), log=log)
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
@@ -159,7 +163,7 @@ def run_train(
         resume_from = chosen.path if protocol in ("file", "local") else f"{protocol}://{chosen.path}"
     fs.makedirs(root, exist_ok=True)
     total = config.max_train_steps or config.num_train_epochs * plan.steps_per_epoch
-    log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}")
+    log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}; {recipe.describe()}")
 
     job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
            "loader_workers": loader_workers, "resume_from": resume_from,

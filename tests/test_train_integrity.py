@@ -267,3 +267,18 @@ def test_resume_after_a_damaged_checkpoint_equals_an_uninterrupted_run(tmp_path,
     reference = read_lora(reference_run / "final" / "lora.safetensors").state_dict
     assert resumed.keys() == reference.keys()
     assert max(float((resumed[k] - reference[k]).abs().max()) for k in resumed) <= 1e-6
+
+
+def test_a_final_folder_the_user_made_is_never_replaced(tmp_path, reference_run):
+    run, (latest, _previous) = _copy_run(reference_run, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    (run / "final").mkdir()
+    (run / "final" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="was not written by acedist"):
+        _publish_final(fsspec.filesystem("file"), str(run / "final"), str(latest))
+    assert (run / "final" / "notes.txt").read_text() == "mine"
+    # an earlier final/ of ours is replaced
+    shutil.rmtree(run / "final")
+    _publish_final(fsspec.filesystem("file"), str(run / "final"), str(latest))
+    _publish_final(fsspec.filesystem("file"), str(run / "final"), str(latest))
+    assert (run / "final" / "lora.safetensors").is_file()

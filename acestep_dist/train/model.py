@@ -11,7 +11,7 @@ import torch
 from ..config import TrainConfig, sampler_parameter_problem
 from ..errors import UserError
 from ..flow import TrainingRecipe
-from ..families.ace_step_15 import AceStep15
+from ..families.ace_step_15 import AceStep15, VariantSpec
 from ..families.ace_step_15.family import TrainingBatch
 from ..families.ace_step_15.lora_formats import LoraWeights, check_fits, read_lora
 
@@ -51,14 +51,14 @@ class TrainableModel:
         return self.module.recipe
 
 
-def training_recipe(family: AceStep15, config: TrainConfig) -> TrainingRecipe:
+def training_recipe(variant: VariantSpec, config: TrainConfig) -> TrainingRecipe:
     """The run's timestep sampler and CFG dropout: the variant's upstream recipe unless the config
     names its own."""
-    sampler = config.timestep_sampler or family.variant.default_sampler
+    sampler = config.timestep_sampler or variant.default_sampler
     problem = sampler_parameter_problem(sampler, config)
     if problem:
-        raise UserError(f"{problem} (the {family.variant.name} variant's default sampler)")
-    return family.variant.recipe(sampler, config.cfg_dropout, mu=config.timestep_mu, sigma=config.timestep_sigma,
+        raise UserError(f"{problem} (the {variant.name} variant's default sampler)")
+    return variant.recipe(sampler, config.cfg_dropout, mu=config.timestep_mu, sigma=config.timestep_sigma,
                                  shift=config.timestep_shift)
 
 
@@ -160,7 +160,7 @@ def build_trainable(family: AceStep15, config: TrainConfig) -> TrainableModel:
     total = sum(p.numel() for group in groups for p in group["params"])
     if total == 0:
         raise UserError("nothing to train: the configuration leaves every parameter frozen")
-    module = FlowMatchingModule(family, lyric_embedding, training_recipe(family, config))
+    module = FlowMatchingModule(family, lyric_embedding, training_recipe(family.variant, config))
     return TrainableModel(family, module, groups, total)
 
 

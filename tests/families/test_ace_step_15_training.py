@@ -111,7 +111,7 @@ def test_the_run_config_chooses_the_recipe_the_loss_draws_from(tiny_turbo, tiny_
     from acestep_dist.train.model import build_trainable, training_recipe
 
     turbo = AceStep15.load(tiny_turbo)
-    assert training_recipe(turbo, TrainConfig()).sampler_name == "discrete-turbo"
+    assert training_recipe(turbo.variant, TrainConfig()).sampler_name == "discrete-turbo"
     chosen = build_trainable(turbo, TrainConfig(timestep_sampler="max-logit-normal", cfg_dropout=1.0)).recipe
     assert isinstance(chosen.timestep_sampler, MaxLogitNormalTimesteps) and chosen.cfg_dropout == 1.0
     samples = _samples(turbo)[:1]
@@ -132,5 +132,5 @@ def test_the_run_config_chooses_the_recipe_the_loss_draws_from(tiny_turbo, tiny_
         load_config(TrainConfig, None, ["cfg_dropout=1.5"])
     base = AceStep15.load(tiny_base, ("transformer", "condition_encoder"))
     with pytest.raises(UserError, match="timestep_shift applies .* not max-logit-normal .*base variant's default"):
-        training_recipe(base, TrainConfig(timestep_shift=2.0))
-    assert training_recipe(base, TrainConfig(timestep_mu=0.1)).timestep_sampler == MaxLogitNormalTimesteps(0.1, 1.0)
+        training_recipe(base.variant, TrainConfig(timestep_shift=2.0))
+    assert training_recipe(base.variant, TrainConfig(timestep_mu=0.1)).timestep_sampler == MaxLogitNormalTimesteps(0.1, 1.0)
