@@ -208,7 +208,6 @@ class TextEncoder:
                     encoded += self._encode(batch, [i])
                 except Exception:
                     status[i], stage[i], reason[i] = REJECTED, "encode_text", _last_error_line()
-                    continue
         for i, blob, meta in encoded:
             blobs[i], metas[i] = blob, meta
         empty = np.array([b""] * n, dtype=object)
