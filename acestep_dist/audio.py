@@ -3,13 +3,15 @@
 Decoding is windowed: a window is reached by seeking and decoded frame by frame into a streaming
 soxr resampler, so a long file is never held in memory whole. The container format is decided by
 FFmpeg from the content; a file whose extension says otherwise is decoded by what it is, with a
-warning. A decode error midway keeps what decoded before it, with a warning.
+warning. A decode error midway keeps what decoded before it, with a warning (prep compares the
+decoded length with the header's to reject truncated files).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,11 @@ _FORMAT_EXTENSIONS = {
     "caf": {".caf"},
 }
 _FORMAT_LABELS = {"mov,mp4,m4a,3gp,3g2,mj2": "MP4/M4A", "asf": "ASF/WMA"}
+# What FFmpeg logs when a container states no duration and it guesses one from the bitrate (an MP3
+# without a Xing/VBRI header, raw AAC): such a guess can be far off, so it says nothing about truncation.
+_ESTIMATE_LOG = "Estimating duration from bitrate"
+# PyAV's log level is process-wide: probes that switch it on to hear the estimate message take turns.
+_LOG_LOCK = threading.Lock()
 
 
 class AudioError(Exception):
@@ -45,6 +52,13 @@ class AudioInfo:
     duration: float  # seconds, from the container (decoders may differ by a few ms)
     size: int
     warnings: list[str] = field(default_factory=list)
+    layout: str = ""  # FFmpeg's channel layout name: "mono", "stereo", "5.1(side)", "6 channels"
+    duration_estimated: bool = False  # FFmpeg guessed the duration from the bitrate (NaN: no duration at all)
+
+    @property
+    def duration_known(self) -> bool:
+        """Whether ``duration`` is what the container states, so audio ending earlier is missing."""
+        return math.isfinite(self.duration) and not self.duration_estimated
 
     @property
     def label(self) -> str:
@@ -60,10 +74,30 @@ class DecodedWindow:
     source_rate: int
     zero_fraction: float  # exact zeros among the decoded source samples
     warnings: list[str] = field(default_factory=list)
+    stopped_by: str = ""  # the decoder error that ended decoding early, if one did
 
     @property
     def duration(self) -> float:
         return self.wave.shape[1] / self.sample_rate
+
+
+def _open_logged(path: str):
+    """``av.open`` with FFmpeg's warnings captured: (container, whether it estimated the duration)."""
+    import av
+    import av.logging
+
+    with _LOG_LOCK:
+        level, skip_repeated = av.logging.get_level(), av.logging.get_skip_repeated()
+        if level is None or level < av.logging.WARNING:
+            av.logging.set_level(av.logging.WARNING)
+        av.logging.set_skip_repeated(False)  # else a second file's identical message is swallowed
+        try:
+            with av.logging.Capture() as logs:
+                container = av.open(path)
+        finally:
+            av.logging.set_level(level)
+            av.logging.set_skip_repeated(skip_repeated)
+    return container, any(_ESTIMATE_LOG in message for _level, _name, message in logs)
 
 
 def probe_audio(path: str | os.PathLike) -> AudioInfo:
@@ -75,7 +109,8 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
     if size == 0:
         raise AudioError("empty file")
     try:
-        with av.open(path) as container:
+        container, estimated = _open_logged(path)
+        with container:
             if not container.streams.audio:
                 raise AudioError("no audio stream")
             stream = container.streams.audio[0]
@@ -85,8 +120,9 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
                 duration = container.duration / 1_000_000
             else:
                 duration = math.nan
+            layout = stream.layout.name if stream.layout is not None else ""
             info = AudioInfo(path, container.format.name, stream.codec_context.name, int(stream.rate or 0),
-                             int(stream.channels or 0), duration, size)
+                             int(stream.channels or 0), duration, size, layout=layout, duration_estimated=estimated)
     except (av.error.InvalidDataError, av.error.EOFError) as error:
         raise AudioError(f"not a decodable audio file ({error.strerror or error})") from None
     except av.error.FFmpegError as error:
@@ -97,6 +133,10 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
     known = _FORMAT_EXTENSIONS.get(info.container)
     if known is not None and extension not in known:
         info.warnings.append(f"extension {extension or '(none)'} does not match content ({info.label}); decoded as {info.label}")
+    if info.channels > 2:  # decode_window folds them into stereo
+        named = info.layout and not info.layout.endswith("channels")  # FFmpeg's name for an unknown layout
+        layout = f"{info.layout} audio ({info.channels} channels)" if named else f"{info.channels}-channel audio"
+        info.warnings.append(f"{layout} downmixed to stereo")
     return info
 
 
@@ -117,6 +157,7 @@ def decode_window(
 
     path = str(path)
     warnings: list[str] = []
+    stopped_by = ""
     try:
         container = av.open(path)
     except av.error.FFmpegError as error:
@@ -160,13 +201,14 @@ def decode_window(
                 if stop is not None and position >= stop:
                     break
         except av.error.FFmpegError as error:
-            seconds = kept / source_rate
-            warnings.append(f"decoding stopped at {seconds:.2f} s: {error}; kept what decoded before it")
+            seconds = offset + kept / source_rate  # into the file, not the window
+            stopped_by = error.strerror or str(error)
+            warnings.append(f"decoding stopped at {seconds:.2f} s: {stopped_by}; kept what decoded before it")
         out.append(resampler.resample_chunk(np.zeros((0, 2), np.float32), last=True))
     wave = np.concatenate(out, axis=0).T if out else np.zeros((2, 0), np.float32)
     total = max(kept * 2, 1)
     return DecodedWindow(np.ascontiguousarray(wave, dtype=np.float32), target_rate, offset, source_rate,
-                         zeros / total, warnings)
+                         zeros / total, warnings, stopped_by)
 
 _WRITE_CODECS = {".wav": ("pcm_f32le", "flt"), ".flac": ("flac", "s32")}
 

@@ -111,12 +111,15 @@ def model_info(model_path: str) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="prep YAML (see configs/prep/)")
 @click.option("--source-type", type=click.Choice(["folder", "hf", "upstream", "manifest", "diffsynth", "acestep-json"]),
               help="force the source kind instead of detecting it")
-@click.option("--overwrite", is_flag=True, help="replace shards made with another model or config")
+@click.option("--overwrite", is_flag=True,
+              help="replace prep's own earlier output made with another model or config; in a non-empty folder that "
+                   "is not a prep output, write beside its files (prep never deletes a file it did not write)")
 def prep(source, overrides, model, out, address, config_path, source_type, overwrite) -> None:
     """Decode, encode and shard SOURCE for training. OVERRIDES are key=value prep settings.
 
     Exit status: 0 when every input was written; 3 when some inputs were rejected (listed in
-    OUT/errors.jsonl) and the rest written; 1 on a fatal error. Rerunning resumes.
+    OUT/errors.jsonl) and the rest written; 1 on a fatal error (also when another prep holds OUT).
+    Rerunning resumes.
     """
     from pipelines.prep import run_prep
 

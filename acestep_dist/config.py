@@ -28,6 +28,8 @@ class PrepConfig(_Settings):
     crop: Literal["start", "random", "segments"] = Field("start", description="what to do with audio over max_duration")
     crop_seed: int = Field(0, description="seed of crop=random (the chosen offset is recorded per sample)")
     silence_fraction: float = Field(0.95, gt=0, le=1, description="reject audio with more exact zeros than this")
+    allow_truncated: bool = Field(False, description="keep what decodes of a file that ends before its header says "
+                                                     "(with a warning) instead of rejecting it")
     caption_max_chars: int = Field(1024, gt=0, description="longer captions are truncated with a warning")
     lyrics_max_chars: int = Field(8192, gt=0, description="longer lyrics are truncated with a warning")
     allow_missing_caption: bool = Field(False, description="accept audio without a caption (empty caption, warning)")

@@ -4,7 +4,9 @@
       ->  TextEncoder (text encoder actor, batched)  ->  the driver groups rows into shards
 
 A row that fails a stage is marked ``status = "rejected"`` with its stage and reason and passes the
-later stages untouched, so one bad file never fails the job or a block of good ones.
+later stages untouched, so one bad file never fails the job or a block of good ones. A stage that
+handles several rows at once (the text encoder) retries them one by one when the batch fails, so
+only the row at fault is rejected.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from .config import PrepConfig
 from .records import Record
 
 OK, REJECTED = "ok", "rejected"
+# Audio may end this much before its header says without counting as truncated (codec priming and
+# end padding: MP3 ~0.03 s, AAC/Opus a few ms).
+TRUNCATION_TOLERANCE = 0.25
 
 # Every row carries every column from the start (Ray Data batches rows of one schema); stages
 # fill values in and empty the heavy ones they consume.
@@ -30,6 +35,10 @@ ROW_DEFAULTS: dict[str, Any] = {
     "status": OK, "stage": "", "reason": "", "warnings": "[]", "key": "", "window": 0, "sha256": "",
     "offset": 0.0, "length": 0.0, "duration": 0.0, "wave": b"", "wave_samples": 0,
     "latent_mean": b"", "latent_std": b"", "frames": 0, "latent_dim": 0, "tensors": b"", "meta": "",
+    # the source's duration as its container states it; 0 when it states none or FFmpeg guessed it
+    "header_duration": 0.0,
+    # a rejection that condemns the whole input, not just this window (a truncated file)
+    "whole_input": False,
 }
 
 
@@ -73,8 +82,16 @@ def window_offsets(duration: float, config: PrepConfig, key: str) -> tuple[list[
 
 def plan_windows(row: dict, config: PrepConfig) -> list[dict]:
     """Probe a record's audio and split it into the windows to encode (metadata only, no decoding)."""
-    record = Record.from_dict(json.loads(row["record"]))
-    base = {**ROW_DEFAULTS, **row, "key": record.key}
+    base = {**ROW_DEFAULTS, **row}
+    try:
+        return _plan_windows(base, config)
+    except Exception as error:  # a record no stage foresaw must cost this input only
+        return [_reject(base, "probe", f"{type(error).__name__}: {error}")]
+
+
+def _plan_windows(base: dict, config: PrepConfig) -> list[dict]:
+    record = Record.from_dict(json.loads(base["record"]))
+    base["key"] = record.key
     try:
         info = probe_audio(record.audio)
     except AudioError as error:
@@ -82,6 +99,7 @@ def plan_windows(row: dict, config: PrepConfig) -> list[dict]:
     except OSError as error:
         return [_reject(base, "probe", f"cannot read file: {error.strerror or error}")]
     base = _warn(base, "probe", *info.warnings)
+    base["header_duration"] = info.duration if info.duration_known else 0.0
     if not math.isfinite(info.duration):
         # no duration in the container: decode from the start and let the decoded length decide
         windows, notes = [(0.0, config.max_duration)], []
@@ -109,6 +127,16 @@ def decode_row(row: dict, config: PrepConfig, sample_rate: int) -> dict:
         return _reject(row, "decode", str(error))
     except Exception as error:  # a decoder crash must cost this file only
         return _reject(row, "decode", f"{type(error).__name__}: {error}")
+    end = row["offset"] + window.duration
+    header = row["header_duration"]
+    if header and end < min(row["offset"] + row["length"], header) - TRUNCATION_TOLERANCE:
+        # the file ends before its header says: the caption describes audio that is not there
+        found = f"the audio ends at {end:.2f} s" if window.duration else f"no audio decodes at {row['offset']:.2f} s"
+        problem = f"truncated file: its header says {header:.2f} s, but {found}"
+        if not config.allow_truncated:
+            cause = f" (decoder: {window.stopped_by})" if window.stopped_by else ""
+            return {**_reject(row, "decode", problem + cause), "whole_input": True}
+        window.warnings = [f"{problem}; kept what decodes (allow_truncated)"]
     row = _warn(row, "decode", *window.warnings)
     if window.zero_fraction > config.silence_fraction:
         return _reject(row, "decode", f"silent audio: {100 * window.zero_fraction:.1f} % exact zeros "
@@ -163,41 +191,56 @@ class TextEncoder:
         self.config = config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        blobs = np.array([b""] * n, dtype=object)
+        metas = np.array([""] * n, dtype=object)
+        # object arrays: a fixed-width string array would cut "rejected" to the width of "ok"
+        status, stage, reason = (np.array(batch[name], dtype=object) for name in ("status", "stage", "reason"))
+        live = [i for i in range(n) if status[i] == OK]
+        try:
+            encoded = self._encode(batch, live)
+        except Exception:
+            # One bad row must not cost the rows batched with it: each alone, so only it is rejected.
+            # (A row's states do not depend on its batch: encode_text never pads.)
+            encoded = []
+            for i in live:
+                try:
+                    encoded += self._encode(batch, [i])
+                except Exception:
+                    status[i], stage[i], reason[i] = REJECTED, "encode_text", _last_error_line()
+        for i, blob, meta in encoded:
+            blobs[i], metas[i] = blob, meta
+        empty = np.array([b""] * n, dtype=object)
+        return {**batch, "status": status, "stage": stage, "reason": reason, "tensors": blobs, "meta": metas,
+                "latent_mean": empty, "latent_std": empty}
+
+    def _encode(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[tuple[int, bytes, str]]:
+        """(row, sample blob, meta JSON) of the given rows of ``batch``, encoded together."""
         import torch
 
         from .shards import pack_tensors
 
-        n = len(batch["key"])
-        blobs = np.array([b""] * n, dtype=object)
-        metas = np.array([""] * n, dtype=object)
-        status, stage, reason = batch["status"].copy(), batch["stage"].copy(), batch["reason"].copy()
-        live = [i for i in range(n) if status[i] == OK]
+        if not rows:
+            return []
         records = [
-            Record.from_dict(json.loads(batch["record"][i])).with_(duration=float(batch["duration"][i])) for i in live
+            Record.from_dict(json.loads(batch["record"][i])).with_(duration=float(batch["duration"][i])) for i in rows
         ]
         # alternative captions (e.g. upstream recaptions) are encoded too: training samples one per epoch
         alternatives = [(slot, record.with_(caption=alt)) for slot, record in enumerate(records) for alt in record.alt_captions]
-        try:
-            states = self.family.encode_text(records, self.config.text_max_tokens) if records else []
-            lyric_ids = self.family.tokenize_lyrics(records, self.config.lyric_max_tokens) if records else []
-            alt_states: list[list] = [[] for _ in records]
-            if alternatives:
-                encoded = self.family.encode_text([r for _, r in alternatives], self.config.text_max_tokens)
-                for (slot, _), alt in zip(alternatives, encoded):
-                    alt_states[slot].append(alt)
-        except Exception:
-            states, lyric_ids = None, None
-            failure = traceback.format_exc(limit=1).strip().splitlines()[-1]
-        for slot, i in enumerate(live):
-            if states is None:
-                status[i], stage[i], reason[i] = REJECTED, "encode_text", failure
-                continue
+        states = self.family.encode_text(records, self.config.text_max_tokens)
+        lyric_ids = self.family.tokenize_lyrics(records, self.config.lyric_max_tokens)
+        alt_states: list[list] = [[] for _ in records]
+        if alternatives:
+            encoded = self.family.encode_text([r for _, r in alternatives], self.config.text_max_tokens)
+            for (slot, _), alt in zip(alternatives, encoded):
+                alt_states[slot].append(alt)
+        results = []
+        for slot, i in enumerate(rows):
             frames, dim = int(batch["frames"][i]), int(batch["latent_dim"][i])
             mean = torch.from_numpy(np.frombuffer(batch["latent_mean"][i], np.float32).reshape(frames, dim).copy())
             std = torch.from_numpy(np.frombuffer(batch["latent_std"][i], np.float32).reshape(frames, dim).copy())
-            blobs[i] = pack_tensors(mean, std, states[slot], lyric_ids[slot], alt_states[slot])
             record = records[slot]
-            metas[i] = json.dumps({
+            meta = json.dumps({
                 "caption": record.caption, "lyrics": record.lyrics, "bpm": record.bpm, "keyscale": record.keyscale,
                 "timesignature": record.timesignature, "language": record.language,
                 "duration": round(float(batch["duration"][i]), 4), "source": record.audio,
@@ -206,6 +249,10 @@ class TextEncoder:
                 "text_tokens": int(states[slot].shape[0]), "lyric_tokens": int(lyric_ids[slot].shape[0]),
                 "alt_text_tokens": [int(alt.shape[0]) for alt in alt_states[slot]],
             }, ensure_ascii=False)
-        empty = np.array([b""] * n, dtype=object)
-        return {**batch, "status": status, "stage": stage, "reason": reason, "tensors": blobs, "meta": metas,
-                "latent_mean": empty, "latent_std": empty}
+            results.append((i, pack_tensors(mean, std, states[slot], lyric_ids[slot], alt_states[slot]), meta))
+        return results
+
+
+def _last_error_line() -> str:
+    """``ExceptionType: message`` of the exception being handled."""
+    return traceback.format_exc(limit=1).strip().splitlines()[-1]

@@ -6,7 +6,12 @@ as a job: ``ray job submit --working-dir . -- python -m pipelines.prep SOURCE --
 Shard membership is fixed by the sorted input order, so a rerun plans the same shards; finished
 shards (tar + marker, sha256 verified, same plan) are kept and the rest are redone. The driver
 writes each shard by temporary file and rename as soon as its last row arrives (rows stream back
-in input order), so a killed run never leaves a partial shard visible.
+in input order), so a killed run never leaves a partial shard visible. One run at a time holds
+``--out``, and prep deletes or replaces only files its state lists as its own
+(``acestep_dist.prep_output``).
+
+Counting is per input (a source row): an input is accepted when at least one of its windows is
+written, else rejected with one reason; a dropped window of an accepted input is a warning.
 """
 
 from __future__ import annotations
@@ -28,14 +33,15 @@ from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import model_dimensions, model_fingerprint, resolve_checkpoint
 from acestep_dist.paths import local_or_hub, local_path
 from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows, window_offsets
+from acestep_dist.prep_output import SOURCE_AUDIO_DIR, OutputFolder, OutputLock
 from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_name, shard_name, write_shard
-from acestep_dist.sources import load_source
+from acestep_dist.sources import SourceListing, load_source
 
 EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 3
-STATE_FILE = "prep_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: markers reject and warn per input (with its key)
+SUMMARY_FILES = ("manifest.jsonl", "errors.jsonl", "warnings.jsonl")
 # config keys that change only how fast prep runs, not what it writes
 _RUNTIME_KEYS = {"decode_workers", "encoder_actors", "encode_batch_size"}
 # a sample's text states are ~200 tokens: budget for them when planning shard sizes
@@ -183,15 +189,39 @@ def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate
     return ds
 
 
-def _problems(row: dict) -> tuple[list[dict], list[dict]]:
-    source = json.loads(row["record"])["audio"]
-    warnings = [{"input": source, "stage": stage, "reason": w} for stage, w in json.loads(row["warnings"] or "[]")]
-    rejected = [] if row["status"] == OK else [{"input": source, "stage": row["stage"], "reason": row["reason"]}]
-    return rejected, warnings
+def _input_outcome(record: Record, rows: list[dict]) -> tuple[list[EncodedSample], list[dict], list[dict]]:
+    """Samples, rejection (at most one) and warnings of one input from its window rows.
+
+    An input is accepted when at least one window is written; its other windows' rejections become
+    warnings. A rejection marked ``whole_input`` (a truncated file) rejects every window."""
+    def problem(stage: str, reason: str) -> dict:
+        return {"input": record.audio, "key": record.key, "stage": stage, "reason": reason}
+
+    notes: dict[tuple[str, str], None] = {}  # the windows of an input share its probe warnings: once each
+    for row in rows:
+        for stage, message in json.loads(row["warnings"] or "[]"):
+            notes[(stage, message)] = None
+    warnings = [problem(stage, message) for stage, message in notes]
+    bad = [row for row in rows if row["status"] != OK]
+    condemned = [row for row in bad if row["whole_input"]]
+    good = [] if condemned else [row for row in rows if row["status"] == OK]
+    if not good:
+        if not rows:
+            return [], [problem("plan", "no audio windows")], warnings
+        if condemned:  # the first says it best (later windows of a truncated file just find nothing)
+            return [], [problem(condemned[0]["stage"], condemned[0]["reason"])], warnings
+        reasons = list(dict.fromkeys(row["reason"] for row in bad))  # a split input's windows often agree
+        return [], [problem(bad[0]["stage"], "; ".join(reasons))], warnings
+    for row in bad:  # some windows of a split input
+        end = row["offset"] + row["length"]
+        warnings.append(problem(row["stage"], f"segment {row['window']} ({row['offset']:.0f}-{end:.0f} s) "
+                                              f"dropped: {row['reason']}"))
+    samples = [EncodedSample(row["key"], json.loads(row["meta"]), bytes(row["tensors"])) for row in good]
+    return samples, [], warnings
 
 
 def run_prep(
-    source: str,
+    source: str | SourceListing,
     model: str,
     out: str,
     config: PrepConfig,
@@ -201,49 +231,49 @@ def run_prep(
     overwrite: bool = False,
     log=print,
 ) -> PrepResult:
+    """Prepare ``source`` (a path, URL or hub id; or records already listed, as a ``SourceListing``)."""
     import fsspec
 
     started = time.time()
     # Every path is made absolute here, on the driver: Ray's workers run in other directories.
-    source, model, out = local_or_hub(source), local_or_hub(model), local_path(out)
-    local_out = "://" not in out
-    listing = load_source(source, config, source_type, cache_dir=Path(out) / "source_audio" if local_out else None)
-    folder, layout = resolve_checkpoint(model)
-    dims = model_dimensions(folder, layout)
-    fingerprint = _fingerprint(model_fingerprint(folder, layout), config)
+    if not isinstance(source, SourceListing):
+        source = local_or_hub(source)
+    model, out = local_or_hub(model), local_path(out)
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
+    with OutputLock(fs, root, out):
+        output = OutputFolder(fs, root, out, log)
+        output.check_ownership(overwrite)  # before anything is written there
+        folder, layout = resolve_checkpoint(model)
+        dims = model_dimensions(folder, layout)
+        fingerprint = _fingerprint(model_fingerprint(folder, layout), config)
+        output.check_fingerprint(fingerprint, overwrite)
+        if isinstance(source, SourceListing):
+            listing, described = source, f"{len(source.records)} records given in Python"
+        else:
+            cache_dir = Path(out) / SOURCE_AUDIO_DIR if "://" not in out else None
+            listing, described = load_source(source, config, source_type, cache_dir=cache_dir), str(source)
+        # only now, with the source readable, is earlier output of another fingerprint removed
+        output.start(fingerprint, overwrite, {"model": model, "source": described, "config": config.model_dump()})
+        return _prepare(listing, fs, root, out, output, folder, model, dims, fingerprint, config, address, started, log)
 
-    state_path = f"{root}/{STATE_FILE}"
-    if fs.exists(state_path):
-        with fs.open(state_path, "r") as f:
-            previous = json.load(f)
-        if previous.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise UserError(
-                    f"{out} holds shards made with another model or prep config (fingerprint "
-                    f"{previous.get('fingerprint')} != {fingerprint}); pass --overwrite to replace them, or choose a new --out"
-                )
-            for path in fs.glob(f"{root}/shard-*"):
-                fs.rm(path)
-    for path in fs.glob(f"{root}/*.tmp"):  # leftovers of a killed run
-        fs.rm(path)
-    with fs.open(state_path, "w") as f:
-        json.dump({"fingerprint": fingerprint, "model": model, "source": str(source), "config": config.model_dump()}, f, indent=1)
 
+def _prepare(listing, fs, root, out, output: OutputFolder, folder, model, dims, fingerprint, config, address,
+             started, log) -> PrepResult:
     shards = _pack_shards(listing.records, config, _records_per_shard(config, dims))
     plans = [_plan_hash(members) for members in shards]
+    output.remove_leftovers(len(shards))
     markers: dict[int, ShardMarker] = {}
     for index, plan in enumerate(plans):
         marker = _finished(fs, root, index, plan)
         if marker is not None:
             markers[index] = marker
-    for path in fs.glob(f"{root}/shard-*"):  # shards beyond the current plan (the source shrank)
-        name = path.rsplit("/", 1)[-1]
-        if int(name[6:12]) >= len(shards):
-            fs.rm(path)
     todo = [index for index in range(len(shards)) if index not in markers]
+    # every file this run may write, listed in the state before any is written (one state write)
+    output.claim(*(name for index in todo for final in (shard_name(index), marker_name(index))
+                   for name in (final + ".tmp", final)),
+                 *SUMMARY_FILES, *(name + ".tmp" for name in SUMMARY_FILES), "prep_report.json")
     log(f"prep: {len(listing.records)} inputs in {len(shards)} shards ({len(markers)} already finished), "
         f"{len(listing.rejected)} rejected by the source")
 
@@ -267,13 +297,15 @@ def run_prep(
             def flush(index: int) -> None:
                 if len(markers) == stall_at:
                     time.sleep(3600)
-                samples, rejected, warnings = [], [], []
+                by_input: dict[int, list[dict]] = {}
                 for row in sorted(pending.pop(index, []), key=lambda r: (r["index"], r["window"])):
-                    bad, notes = _problems(row)
+                    by_input.setdefault(int(row["index"]), []).append(row)
+                samples, rejected, warnings = [], [], []
+                for position, record in enumerate(shards[index]):
+                    written, bad, notes = _input_outcome(record, by_input.get(position, []))
+                    samples += written
                     rejected += bad
                     warnings += notes
-                    if row["status"] == OK:
-                        samples.append(EncodedSample(row["key"], json.loads(row["meta"]), bytes(row["tensors"])))
                 marker = write_shard(fs, root, index, samples, rejected, warnings, fingerprint, plans[index])
                 markers[index] = marker
                 log(f"prep: wrote {shard_name(index)} ({len(samples)} samples, {marker.bytes / 1e6:.1f} MB)")
@@ -294,10 +326,11 @@ def run_prep(
 
                 ray.shutdown()
 
-    return _finish(fs, root, out, listing, shards, markers, fingerprint, model, config, started, log)
+    return _finish(fs, root, out, output, listing, shards, markers, fingerprint, model, config, started, log)
 
 
-def _finish(fs, root, out, listing, shards, markers, fingerprint, model, config, started, log) -> PrepResult:
+def _finish(fs, root, out, output: OutputFolder, listing, shards, markers, fingerprint, model, config, started,
+            log) -> PrepResult:
     manifest, rejected, warnings = [], [p.to_dict() for p in listing.rejected], [p.to_dict() for p in listing.warnings]
     total_bytes = 0
     for index in range(len(shards)):
@@ -306,18 +339,17 @@ def _finish(fs, root, out, listing, shards, markers, fingerprint, model, config,
         rejected += marker.rejected
         warnings += marker.warnings
         total_bytes += marker.bytes
-    for name, rows in (("manifest.jsonl", manifest), ("errors.jsonl", rejected), ("warnings.jsonl", warnings)):
+    for name, rows in zip(SUMMARY_FILES, (manifest, rejected, warnings)):
         with fs.open(f"{root}/{name}.tmp", "w") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         fs.mv(f"{root}/{name}.tmp", f"{root}/{name}")
-    inputs = len(listing.records) + len(listing.rejected)
-    accepted_inputs = {row["source"] for row in manifest}
-    rejected_inputs = {row["input"] for row in rejected} - accepted_inputs
+    # per input, not per path: several rows may name one file, and a split input is one input
+    rejected_later = sum(len(markers[index].rejected) for index in range(len(shards)))
     report = {
-        "inputs": inputs,
-        "accepted": len(accepted_inputs),
-        "rejected": len(rejected_inputs),
-        "warned": len({row["input"] for row in warnings}),
+        "inputs": len(listing.records) + len(listing.rejected),
+        "accepted": len(listing.records) - rejected_later,
+        "rejected": len(listing.rejected) + rejected_later,
+        "warned": _warned_inputs(listing, warnings),
         "samples": len(manifest),
         "shards": len(shards),
         "audio_seconds": round(sum(row["duration"] for row in manifest), 3),
@@ -335,6 +367,23 @@ def _finish(fs, root, out, listing, shards, markers, fingerprint, model, config,
     if report["samples"] == 0:
         return PrepResult(report, EXIT_FATAL)
     return PrepResult(report, EXIT_PARTIAL if report["rejected"] else EXIT_OK)
+
+
+def _warned_inputs(listing: SourceListing, warnings: list[dict]) -> int:
+    """Inputs with at least one warning. The pipeline's warnings name their input's key; the source's
+    name a path (or a manifest line), taken as that record's when exactly one record has the path."""
+    records_of: dict[str, list[str]] = {}
+    for record in listing.records:
+        records_of.setdefault(record.audio, []).append(record.key)
+    warned = set()
+    for row in warnings:
+        if row.get("key"):
+            warned.add(("key", row["key"]))
+        elif len(records_of.get(row["input"], [])) == 1:
+            warned.add(("key", records_of[row["input"]][0]))
+        else:
+            warned.add(("input", row["input"]))
+    return len(warned)
 
 
 def build_parser() -> argparse.ArgumentParser:
