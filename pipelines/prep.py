@@ -31,6 +31,7 @@ from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_name, shard_name, write_shard
 from acestep_dist.sources import load_source
+from acestep_dist.storage import open_fs
 
 EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 3
 STATE_FILE = "prep_state.json"
@@ -200,16 +201,13 @@ def run_prep(
     overwrite: bool = False,
     log=print,
 ) -> PrepResult:
-    import fsspec
-
     started = time.time()
     local_out = "://" not in out
     listing = load_source(source, config, source_type, cache_dir=Path(out) / "source_audio" if local_out else None)
     folder, layout = resolve_checkpoint(model)
     dims = model_dimensions(folder, layout)
     fingerprint = _fingerprint(model_fingerprint(folder, layout), config)
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
+    fs, root = open_fs(out)
     fs.makedirs(root, exist_ok=True)
 
     state_path = f"{root}/{STATE_FILE}"

@@ -20,6 +20,7 @@ from acestep_dist.config import TrainConfig, load_config
 from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import resolve_checkpoint
 from acestep_dist.ray_cluster import init_ray
+from acestep_dist.storage import open_fs, ray_train_storage
 from acestep_dist.train.data import EpochPlan, index_shards
 from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
 from acestep_dist.train.loop import train_worker
@@ -63,7 +64,8 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     # settings users and tests give the driver, which remote nodes' workers would not inherit
     for name, value in os.environ.items():
-        if name.startswith(("ACEDIST_", "GLOO_", "NCCL_", "HF_")) or name in ("PYTHONPATH",):
+        # (AWS_*: an S3 endpoint and credentials for reading --data and writing samples/ and tb/)
+        if name.startswith(("ACEDIST_", "GLOO_", "NCCL_", "HF_", "AWS_")) or name in ("PYTHONPATH",):
             env[name] = value
     return env
 
@@ -82,7 +84,6 @@ def run_train(
     loader_workers: int = 0,
     log=print,
 ) -> TrainResult:
-    import fsspec
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -95,8 +96,7 @@ def run_train(
         data = str(Path(data).resolve())
     if "://" not in output:
         output = str(Path(output).resolve())
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
+    fs, root = open_fs(output)
     if _has_checkpoints(fs, root) and not resume:
         raise UserError(f"{output} already holds a run; pass --resume to continue it, or choose a new --output")
     if resume and not _has_checkpoints(fs, root):
@@ -107,7 +107,7 @@ def run_train(
 
     job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
            "loader_workers": loader_workers}
-    storage, name = output.rstrip("/").rsplit("/", 1)
+    storage, name, storage_filesystem = ray_train_storage(output)
     started_ray = init_ray(address, dashboard=True)
     try:
         trainer = TorchTrainer(
@@ -116,7 +116,7 @@ def run_train(
             scaling_config=scaling,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
-                name=name, storage_path=storage,
+                name=name, storage_path=storage, storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
                 failure_config=FailureConfig(max_failures=config.max_failures),
                 worker_runtime_env={"env_vars": _worker_env(use_gpu)},

@@ -46,10 +46,9 @@ def _split_member(name: str) -> tuple[str, str]:
 
 def index_shards(data: str) -> list[SampleRef]:
     """Every sample of the prep output ``data`` (folder or fsspec URL), in a fixed order."""
-    import fsspec
+    from ..storage import open_fs
 
-    fs, root = fsspec.core.url_to_fs(data)
-    root = root.rstrip("/")
+    fs, root = open_fs(data)
     manifest_path = f"{root}/manifest.jsonl"
     if not fs.exists(manifest_path):
         raise UserError(f"{data} is not an `acedist prep` output (no manifest.jsonl)")
