@@ -144,8 +144,9 @@ def run_train(
             source = Path(checkpoint) / item
             if source.exists():
                 fs.put(str(source), f"{final}/{item}", recursive=source.is_dir())
-    log(f"train: done at step {state['step']}; weights in {final}")
-    return TrainResult(output, final, int(state["step"]))
+    final_url = f"{output.rstrip('/')}/{FINAL_DIR}"  # with its scheme (s3://...), unlike the fs path
+    log(f"train: done at step {state['step']}; weights in {final_url}")
+    return TrainResult(output, final_url, int(state["step"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
