@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -173,11 +174,13 @@ def train_worker(job: dict[str, Any]) -> None:
               f"steps {start_step} -> {total_steps} on {world} worker(s), {'GPU' if use_gpu else 'CPU fp32'}, "
               f"ZeRO-{config.zero_stage}", flush=True)
 
-    writer = None
+    writer, tb_local = None, None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(run, "tb")) if "://" not in run else None
+        if "://" in run:  # an object store cannot append: events are written here and copied to RUN/tb
+            tb_local = tempfile.mkdtemp(prefix="acedist-tb-")
+        writer = SummaryWriter(tb_local or os.path.join(run, "tb"))
 
     crash_at = int(os.environ.get("ACEDIST_TRAIN_CRASH_AT_STEP", "-1"))  # test hook: a worker dies once
     stall_after = int(os.environ.get("ACEDIST_TRAIN_STALL_AFTER_STEP", "-1"))  # test hook: hang, to be killed
@@ -236,11 +239,26 @@ def train_worker(job: dict[str, Any]) -> None:
                              "config": config.model_dump(), "world_size": world, "started_at_step": start_step}
                     (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1))
                 ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(folder))
+            if tb_local is not None:
+                _upload_tensorboard(writer, tb_local, run)
         if done == stall_after and rank == 0:
             time.sleep(3600)
     reader.close()
     if writer is not None:
         writer.close()
+    if tb_local is not None:
+        _upload_tensorboard(writer, tb_local, run)
+        shutil.rmtree(tb_local, ignore_errors=True)
+
+
+def _upload_tensorboard(writer, folder: str, run: str) -> None:
+    """Copy the event files written to ``folder`` into RUN/tb (a run at a URL), whole each time."""
+    from ..storage import open_fs
+
+    writer.flush()
+    fs, root = open_fs(run)
+    for file in sorted(Path(folder).iterdir()):
+        fs.put_file(str(file), f"{root}/tb/{file.name}")
 
 
 def _validate(engine, trainable, family: AceStep15, config: TrainConfig, run: str, step: int, writer, rank: int) -> None:
