@@ -308,3 +308,99 @@ def test_a_missing_corpus_skips_or_fails_in_ci(ci, tmp_path):
         assert done.returncode != 0 and "test corpus missing" in done.stdout, done.stdout[-2000:]
     else:
         assert done.returncode == 0 and "1 skipped" in done.stdout and "test corpus not found" in done.stdout
+
+
+def test_convert_writes_embedded_audio_once_and_takes_the_first_non_empty_caption_field(tmp_path, corpus):
+    """"the caption from the first non-empty `--caption-field` (repeatable) ... Audio stored inside the dataset is
+    written once to `NAME.audio/` beside the manifest.\""""
+    import datasets
+
+    from acestep_dist.convert import convert_dataset
+
+    wav = sorted((corpus / "music").glob("*.wav"))[0]
+    storage = datasets.Features({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
+    features = datasets.Features({"audio": storage, "description": datasets.Value("string"),
+                                  "tags": datasets.Value("string")})
+    datasets.Dataset.from_dict({
+        "audio": [{"bytes": wav.read_bytes(), "path": "one.wav"}, {"bytes": wav.read_bytes(), "path": "two.wav"}],
+        "description": ["", "a calm piano piece"],
+        "tags": ["piano, calm", "ignored"],
+    }, features=features).cast_column("audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "ds"))
+    config = PrepConfig(audio_caption_fields=["description", "tags"])
+    for _ in range(2):  # a second conversion reuses the written files
+        convert_dataset(str(tmp_path / "ds"), tmp_path / "songs.jsonl", config=config, log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "songs.jsonl").read_text().splitlines()]
+    assert [row["caption"] for row in rows] == ["piano, calm", "a calm piano piece"]
+    written = list((tmp_path / "songs.audio").iterdir())
+    assert len(written) == 1 and written[0].read_bytes() == wav.read_bytes()  # same bytes: one file
+    assert {row["audio"] for row in rows} == {str(written[0])}
+
+
+def test_lora_presets_and_rslora_survive_every_export_format(prep_model, tmp_path):
+    """"`use_rslora`, `lora_preset` attention / attention+mlp" and the three export spellings: an attention+mlp
+    rsLoRA read back from each format acts on the DiT exactly as the trained adapter."""
+    from acestep_dist.families.ace_step_15 import AceStep15
+    from acestep_dist.families.ace_step_15.lora_formats import read_lora, write_comfyui, write_diffusers, write_peft
+    from acestep_dist.train.model import build_trainable, lora_weights
+
+    config = TrainConfig(**{**TRAIN_COMMON, "lora_preset": "attention+mlp", "use_rslora": True, "lora_rank": 4,
+                            "lora_alpha": 8.0})
+    family = AceStep15.load(str(prep_model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
+    build_trainable(family, config)
+    transformer = family.components.transformer
+    with torch.no_grad():  # a non-zero adapter (B starts at zero)
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    weights = lora_weights(transformer, config, family.lora_targets("attention+mlp"))
+    assert {"gate_proj", "up_proj", "down_proj", "to_q", "to_out.0"} <= set(weights.targets)
+    files = {"diffusers": write_diffusers(weights, tmp_path / "diffusers"), "peft": write_peft(weights, tmp_path / "peft"),
+             "comfyui": write_comfyui(weights, tmp_path / "comfyui" / "x.safetensors")}
+
+    dims = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 20, dims.audio_acoustic_hidden_dim, generator=generator),
+                  timestep=torch.tensor([0.5]), timestep_r=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, 6, dims.hidden_size, generator=generator),
+                  context_latents=torch.randn(1, 20, dims.in_channels - dims.audio_acoustic_hidden_dim,
+                                              generator=generator), return_dict=False)
+    transformer.eval()
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+    for name, path in files.items():
+        read = read_lora(path)
+        assert (read.rank, set(read.targets)) == (4, set(weights.targets)), name
+        # ComfyUI has no rsLoRA flag: its alpha carries the same scale (8 / sqrt(4) = 16 / 4)
+        assert read.scale == pytest.approx(8.0 / 2) and (read.use_rslora or name == "comfyui"), name
+        other = AceStep15.load(str(prep_model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
+        build_trainable(other, TrainConfig(**{**config.model_dump(), "init_lora": str(path)}))
+        other.components.transformer.eval()
+        with torch.no_grad():
+            assert (other.components.transformer(**inputs)[0] - expected).abs().max() <= 1e-6, name
+    plain = AceStep15.load(str(prep_model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
+    build_trainable(plain, TrainConfig(**{**config.model_dump(), "use_rslora": False,
+                                          "init_lora": None}))  # the same weights at alpha / r instead of alpha / sqrt(r)
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(plain.components.transformer, weights.state_dict, adapter_name="default")
+    plain.components.transformer.eval()
+    with torch.no_grad():
+        assert (plain.components.transformer(**inputs)[0] - expected).abs().max() > 1e-4  # rsLoRA's scale counts
+
+
+@pytest.mark.slow
+def test_accumulation_zero1_and_optimizer_offload_train_what_a_plain_batch_trains(reference_run, train_shards,
+                                                                                   prep_model, tmp_path):
+    """"`gradient_accumulation_steps`", "DeepSpeed (ZeRO 0-3, optional optimizer offload ...)": 1 worker x batch 1 x
+    2 accumulation steps under ZeRO-1 with the optimizer offloaded trains the weights of 1 worker x batch 2, ZeRO-2."""
+    from acestep_dist.families.ace_step_15.lora_formats import read_lora
+    from pipelines.train import run_train
+
+    run = tmp_path / "accumulated"
+    config = TrainConfig(**{**TRAIN_COMMON, "train_batch_size": 1, "gradient_accumulation_steps": 2, "zero_stage": 1,
+                            "offload_optimizer": True})
+    run_train(config, str(train_shards), str(prep_model), str(run), workers=1, log=lambda _: None)
+    got = read_lora(run / "final" / "lora.safetensors").state_dict
+    expected = read_lora(reference_run / "final" / "lora.safetensors").state_dict
+    assert got.keys() == expected.keys()
+    assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= 1e-5
