@@ -194,9 +194,11 @@ def test_prep_writes_shards_to_s3_atomically_and_resumes(s3, s3_shards, train_sh
 
 
 def _config(steps: int, **overrides) -> TrainConfig:
-    # a constant learning rate: a run of 4 steps resumed to 6 then trains exactly as a run of 6
+    # a constant learning rate: a run of 4 steps resumed to 6 then trains exactly as a run of 6; LoRA dropout on
+    # (the README: its masks are keyed by (seed, step), so a resumed run continues bit-exactly with it too)
     return TrainConfig(**{**TRAIN_COMMON, "max_train_steps": steps, "checkpointing_steps": 2, "lr_scheduler": "constant",
-                          "train_batch_size": 2, "zero_stage": 2, "checkpoints_total_limit": 2, **overrides})
+                          "train_batch_size": 2, "zero_stage": 2, "checkpoints_total_limit": 2,
+                          "lora_dropout": 0.1, **overrides})
 
 
 def _checkpoints(s3) -> list[str]:
