@@ -404,3 +404,20 @@ def test_accumulation_zero1_and_optimizer_offload_train_what_a_plain_batch_train
     expected = read_lora(reference_run / "final" / "lora.safetensors").state_dict
     assert got.keys() == expected.keys()
     assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= 1e-5
+
+
+def test_embedded_audio_with_a_url_out_is_rejected_saying_what_to_do(tmp_path, corpus):
+    """"A Hugging Face dataset whose audio is stored inside it needs a local `--out` ...; for an `s3://` output run
+    `acedist convert` first." (prep lists a source without an audio cache folder when --out is a URL)"""
+    import datasets
+
+    from acestep_dist.sources import load_source
+
+    wav = sorted((corpus / "music").glob("*.wav"))[0]
+    storage = datasets.Features({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
+    datasets.Dataset.from_dict({"audio": [{"bytes": wav.read_bytes(), "path": "x.wav"}], "caption": ["piano"]},
+                               features=datasets.Features({"audio": storage, "caption": datasets.Value("string")})
+                               ).cast_column("audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "ds"))
+    listing = load_source(tmp_path / "ds", PrepConfig(), cache_dir=None)
+    assert not listing.records
+    assert "needs a local --out" in listing.rejected[0].reason and "acedist convert" in listing.rejected[0].reason

@@ -245,6 +245,31 @@ def test_train_reads_s3_shards_checkpoints_to_s3_and_resumes(s3, s3_run, train_s
     assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= 1e-6
 
 
+class _RequestLog(logging.Handler):
+    """The S3 server's request lines (werkzeug logs one per request) while in use."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logger = logging.getLogger("werkzeug")
+        self._level, self._propagate = logger.level, logger.propagate
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("werkzeug")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+        logger.propagate = self._propagate
+
+
 @pytest.mark.slow
 def test_export_reads_a_run_from_s3(s3, s3_run, prep_model, tmp_path):
     from diffusers import AceStepPipeline
@@ -265,7 +290,12 @@ def test_export_reads_a_run_from_s3(s3, s3_run, prep_model, tmp_path):
 
     # one checkpoint folder: only its weights are read, not the DeepSpeed states
     checkpoint = _checkpoints(s3)[0]
-    export(f"s3://{checkpoint}", tmp_path / "from-checkpoint", "comfyui", name="ckpt", log=lambda _: None)
+    assert s3.glob(f"{checkpoint}/engine/*optim_states*")
+    requests = _RequestLog()
+    with requests:
+        export(f"s3://{checkpoint}", tmp_path / "from-checkpoint", "comfyui", name="ckpt", log=lambda _: None)
+    assert any("lora.safetensors" in line for line in requests.lines)
+    assert not [line for line in requests.lines if "/engine/" in line and "GET" in line]
     assert (tmp_path / "from-checkpoint" / "comfyui" / "ckpt.safetensors").is_file()
     assert "step 4" in (tmp_path / "from-checkpoint" / "README.txt").read_text()
     with pytest.raises(UserError, match="is not an acedist run"):
