@@ -309,3 +309,19 @@ def test_s3_without_s3fs_is_one_error_line_naming_the_extra():
     assert done.returncode == 1
     assert "Error: s3://bucket/shards:" in done.stderr and "pip install 'acestep-dist[s3]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_export_of_a_full_fine_tune_from_s3_downloads_its_transformer_folder(s3, full_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from acestep_dist.export import export
+
+    s3.put(str(full_run / "final"), f"{BUCKET}/runs/full/final", recursive=True)
+    assert s3.isfile(f"{BUCKET}/runs/full/final/transformer/config.json")
+    export(f"s3://{BUCKET}/runs/full", tmp_path / "export", "diffusers", log=lambda _: None)
+    local = load_file(full_run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    exported = load_file(tmp_path / "export" / "diffusers" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert local.keys() == exported.keys() and all(torch.equal(local[k], exported[k]) for k in local)
+    assert (tmp_path / "export" / "upstream" / "model.safetensors").is_file()
+    assert "and the lyric encoder" in (tmp_path / "export" / "README.txt").read_text()
