@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,14 +111,47 @@ acedist: acedist generate --model diffusers/ ...
 """
 
 
+def _fetch_weights(url: str, into: Path) -> str:
+    """Copy the trained weights of a run at a URL (its ``final/``, or the ``final/`` or ``checkpoint_*``
+    folder given) into ``into``: the state and the weight files, never the DeepSpeed states. Returns the
+    URL of the folder they came from."""
+    from .storage import open_fs
+
+    fs, root = open_fs(url)
+    protocol = url.split("://", 1)[0]
+    for folder in (f"{root}/{FINAL_DIR}", root):
+        if not fs.isfile(f"{folder}/{STATE_FILE}"):
+            continue
+        for item in (STATE_FILE, LORA_FILE, LYRIC_ENCODER_FILE, TRANSFORMER_DIR):
+            path = f"{folder}/{item}"
+            for remote in (fs.find(path) if fs.isdir(path) else [path] if fs.isfile(path) else []):
+                local = into / item / remote[len(path) + 1:] if remote != path else into / item
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(local))
+        return f"{protocol}://{folder}"
+    if fs.glob(f"{root}/checkpoint_*"):
+        raise UserError(f"{url} holds checkpoints but no final/ (the run did not finish); "
+                        f"pass one of its checkpoint_* folders")
+    raise UserError(f"{url} is not an acedist run, final/ or checkpoint folder (no {STATE_FILE})")
+
+
 def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | None = None,
            log=print) -> list[Path]:
+    """Export the run, ``final/`` or ``checkpoint_*`` folder ``source`` (a local path or a URL such as
+    ``s3://bucket/runs/x``, whose weights are downloaded first) into the local folder ``out``."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    trained = find_trained_weights(source)
+    if "://" in str(source):
+        with tempfile.TemporaryDirectory(prefix="acedist-export-") as folder:
+            origin = _fetch_weights(str(source), Path(folder))
+            name = name or str(source).rstrip("/").rsplit("/", 1)[-1]
+            return _export(find_trained_weights(folder), origin, out, fmt, name, log)
+    return _export(find_trained_weights(source), None, out, fmt, name or Path(source).resolve().name, log)
+
+
+def _export(trained: TrainedWeights, origin: str | None, out: str | Path, fmt: str, name: str, log) -> list[Path]:
     out = Path(out)
     wanted = ("diffusers", "peft", "comfyui") if fmt == "all" else (fmt,)
-    name = name or Path(source).resolve().name
     written: list[Path] = []
     # the weights are read (and checked) before anything is written: a corrupt run leaves no half export
     if trained.is_lora:
@@ -141,7 +175,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | No
         written += _export_full(family, out, wanted)
         lyric = " and the lyric encoder" if (trained.folder / LYRIC_ENCODER_FILE).is_file() else ""
         body = FULL_README.format(lyric=lyric)
-    (out / "README.txt").write_text(README.format(source=trained.folder, body=body, **trained.provenance))
+    (out / "README.txt").write_text(README.format(source=origin or trained.folder, body=body, **trained.provenance))
     for path in written:
         log(f"export: wrote {path}")
     return written

@@ -52,10 +52,9 @@ def _plot(path_open, stats: dict[str, Any]) -> None:
 
 
 def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[str, Any], int]:
-    import fsspec
+    from .storage import open_fs
 
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
+    fs, root = open_fs(out)
     marker_paths = sorted(fs.glob(f"{root}/shard-*.json"))
     if not marker_paths:
         raise UserError(f"{out}: no shards (shard-*.json markers) found; is this an `acedist prep` output?")

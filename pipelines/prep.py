@@ -38,6 +38,7 @@ from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_name, shard_name, write_shard
 from acestep_dist.sources import SourceListing, load_source
+from acestep_dist.storage import open_fs
 
 EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 3
 FORMAT_VERSION = 2  # 2: markers reject and warn per input (with its key)
@@ -232,15 +233,12 @@ def run_prep(
     log=print,
 ) -> PrepResult:
     """Prepare ``source`` (a path, URL or hub id; or records already listed, as a ``SourceListing``)."""
-    import fsspec
-
     started = time.time()
     # Every path is made absolute here, on the driver: Ray's workers run in other directories.
     if not isinstance(source, SourceListing):
         source = local_or_hub(source)
     model, out = local_or_hub(model), local_path(out)
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
+    fs, root = open_fs(out)
     fs.makedirs(root, exist_ok=True)
     with OutputLock(fs, root, out):
         output = OutputFolder(fs, root, out, log)

@@ -21,6 +21,7 @@ from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15.loading import load_components, resolve_checkpoint
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
+from acestep_dist.storage import open_fs, ray_train_storage
 from acestep_dist.train.checkpoints import choose_resume_checkpoint, list_checkpoints, missing_weights
 from acestep_dist.train.data import EpochPlan, index_shards, verify_training_shards
 from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
@@ -103,7 +104,8 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     # settings users and tests give the driver, which remote nodes' workers would not inherit
     for name, value in os.environ.items():
-        if name.startswith(("ACEDIST_", "GLOO_", "NCCL_", "HF_")) or name in ("PYTHONPATH",):
+        # (AWS_*: an S3 endpoint and credentials for reading --data and writing samples/ and tb/)
+        if name.startswith(("ACEDIST_", "GLOO_", "NCCL_", "HF_", "AWS_")) or name in ("PYTHONPATH",):
             env[name] = value
     return env
 
@@ -134,7 +136,6 @@ def run_train(
     loader_workers: int = 0,
     log=print,
 ) -> TrainResult:
-    import fsspec
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -151,24 +152,25 @@ def run_train(
     folder, _ = resolve_checkpoint(model)
     # a hub id stays a hub id: each node fills its own cache; a folder must be on storage every node reaches
     model_ref = str(folder) if os.path.isabs(model) else model
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
+    fs, root = open_fs(output)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    storage, name, storage_filesystem = ray_train_storage(output)
     earlier = list_checkpoints(fs, root)
     if earlier and not resume:
         raise UserError(f"{output} already holds a run; pass --resume to continue it, or choose a new --output")
     resume_from = None
     if resume:
         chosen = choose_resume_checkpoint(fs, root, output, log=log)
-        resume_from = chosen.path if protocol in ("file", "local") else f"{protocol}://{chosen.path}"
+        # a path within Ray's storage filesystem when we made one for it (its endpoint and keys), else a URL
+        local = protocol in ("file", "local") or storage_filesystem is not None
+        resume_from = chosen.path if local else f"{protocol}://{chosen.path}"
     fs.makedirs(root, exist_ok=True)
     total = config.max_train_steps or config.num_train_epochs * plan.steps_per_epoch
     log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}; {recipe.describe()}")
 
     job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
-           "loader_workers": loader_workers, "resume_from": resume_from,
+           "loader_workers": loader_workers, "resume_from": resume_from, "resume_filesystem": storage_filesystem,
            "earlier_checkpoints": [p.rstrip("/").rsplit("/", 1)[-1] for p in earlier]}
-    storage, name = output.rstrip("/").rsplit("/", 1)
     started_ray = init_ray(address, dashboard=True)
     try:
         trainer = TorchTrainer(
@@ -177,7 +179,7 @@ def run_train(
             scaling_config=scaling,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
-                name=name, storage_path=storage,
+                name=name, storage_path=storage, storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
                 failure_config=FailureConfig(max_failures=config.max_failures),
                 worker_runtime_env={"env_vars": _worker_env(use_gpu)},
@@ -197,12 +199,13 @@ def run_train(
     checkpoint = result.checkpoint
     if resume_from and Path(checkpoint.path).name in job["earlier_checkpoints"]:
         # nothing left to train: Ray's latest is an earlier launch's, the weights are in the one chosen
-        checkpoint = Checkpoint(resume_from)
+        checkpoint = Checkpoint(resume_from, filesystem=storage_filesystem)
     final = f"{root}/{FINAL_DIR}"
     with checkpoint.as_directory() as local:
         state = _publish_final(fs, final, local)
-    log(f"train: done at step {state['step']}; weights in {final}")
-    return TrainResult(output, final, int(state["step"]))
+    final_url = f"{output.rstrip('/')}/{FINAL_DIR}"  # with its scheme (s3://...), unlike the fs path
+    log(f"train: done at step {state['step']}; weights in {final_url}")
+    return TrainResult(output, final_url, int(state["step"]))
 
 
 def build_parser() -> argparse.ArgumentParser:

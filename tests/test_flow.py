@@ -5,7 +5,6 @@ import torch
 
 from acestep_dist.flow import (
     DiscreteTimesteps,
-    LogitNormalTimesteps,
     MaxLogitNormalTimesteps,
     UniformTimesteps,
     cfg_dropout_mask,
@@ -106,6 +105,14 @@ def test_recipe_can_be_chosen_per_run():
     assert variant_spec("sft").recipe("max-logit-normal", mu=0.3, sigma=0.7).timestep_sampler == MaxLogitNormalTimesteps(0.3, 0.7)
     with pytest.raises(ValueError, match="unknown timestep sampler"):
         variant_spec("base").recipe("cosine")
+
+
+def test_cfg_dropout_rate_per_variant():
+    assert variant_spec("turbo").cfg_dropout == 0.0
+    rate = variant_spec("base").recipe().cfg_dropout
+    dropped = cfg_dropout_mask(N, rate, torch.Generator().manual_seed(2))
+    assert abs(dropped.float().mean().item() - 0.15) <= 0.01
+    assert not cfg_dropout_mask(N, 0.0, torch.Generator()).any()
 
 
 def test_continuous_turbo_draws_in_the_open_unit_interval():

@@ -62,7 +62,8 @@ def _audio_file(value: Any, roots: list[Path], cache_dir: Path | None, allow_out
     path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
     if data:
         if cache_dir is None:
-            raise ValueError("audio stored inside the dataset needs a cache folder")
+            raise ValueError("audio stored inside the dataset is unpacked into OUT/source_audio, which needs a "
+                             "local --out; for a URL --out (s3://...) run `acedist convert` first")
         digest = hashlib.sha256(data).hexdigest()[:24]
         suffix = Path(path).suffix if isinstance(path, str) and Path(path).suffix else ".bin"
         target = cache_dir / f"{digest}{suffix}"

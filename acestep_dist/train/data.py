@@ -78,10 +78,9 @@ def _manifest_rows(fs, root: str, data: str) -> list[dict[str, Any]]:
 
 def index_shards(data: str) -> list[SampleRef]:
     """Every sample of the prep output ``data`` (folder or fsspec URL), in a fixed order."""
-    import fsspec
+    from ..storage import open_fs
 
-    fs, root = fsspec.core.url_to_fs(data)
-    root = root.rstrip("/")
+    fs, root = open_fs(data)
     manifest = {row["key"]: row for row in _manifest_rows(fs, root, data)}
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     shard_names = sorted({row["shard"] for row in manifest.values()})
@@ -130,10 +129,9 @@ def verify_training_shards(data: str, shards: Sequence[str], log: Callable[[str]
     would surface hours in. One pass here costs one read of the data (about 250 MB/s per thread
     measured on a busy machine, hashing and parsing; threads overlap shards) and stops the run
     before it spends GPU time on garbage."""
-    import fsspec
+    from ..storage import open_fs
 
-    fs, root = fsspec.core.url_to_fs(data)
-    root = root.rstrip("/")
+    fs, root = open_fs(data)
     markers: dict[str, ShardMarker] = {}
     for name in shards:
         marker_path = f"{root}/{_marker_file(name)}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -166,7 +167,7 @@ def train_worker(job: dict[str, Any]) -> None:
         # after a worker failure) are Ray's to give.
         restored = None
     if restored is None and job.get("resume_from"):
-        restored = Checkpoint(job["resume_from"])
+        restored = Checkpoint(job["resume_from"], filesystem=job.get("resume_filesystem"))
     if restored is not None:
         with restored.as_directory() as folder:
             saved = json.loads((Path(folder) / STATE_FILE).read_text())
@@ -182,11 +183,13 @@ def train_worker(job: dict[str, Any]) -> None:
               f"steps {start_step} -> {total_steps} on {world} worker(s), {'GPU' if use_gpu else 'CPU fp32'}, "
               f"ZeRO-{config.zero_stage}; {trainable.recipe.describe()}", flush=True)
 
-    writer = None
+    writer, tb_local = None, None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(run, "tb")) if "://" not in run else None
+        if "://" in run:  # an object store cannot append: events are written here and copied to RUN/tb
+            tb_local = tempfile.mkdtemp(prefix="acedist-tb-")
+        writer = SummaryWriter(tb_local or os.path.join(run, "tb"))
 
     crash_at = int(os.environ.get("ACEDIST_TRAIN_CRASH_AT_STEP", "-1"))  # test hook: a worker dies once
     stall_after = int(os.environ.get("ACEDIST_TRAIN_STALL_AFTER_STEP", "-1"))  # test hook: hang, to be killed
@@ -257,11 +260,26 @@ def train_worker(job: dict[str, Any]) -> None:
                 # last: the list of this rank's files is what makes its part of the checkpoint count
                 write_files_list(Path(folder), rank, world, done)
                 ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(folder))
+            if tb_local is not None:
+                _upload_tensorboard(writer, tb_local, run)
         if done == stall_after and rank == 0:
             time.sleep(3600)
     reader.close()
     if writer is not None:
         writer.close()
+    if tb_local is not None:
+        _upload_tensorboard(writer, tb_local, run)
+        shutil.rmtree(tb_local, ignore_errors=True)
+
+
+def _upload_tensorboard(writer, folder: str, run: str) -> None:
+    """Copy the event files written to ``folder`` into RUN/tb (a run at a URL), whole each time."""
+    from ..storage import open_fs
+
+    writer.flush()
+    fs, root = open_fs(run)
+    for file in sorted(Path(folder).iterdir()):
+        fs.put_file(str(file), f"{root}/tb/{file.name}")
 
 
 def _validate(engine, trainable, family: AceStep15, config: TrainConfig, run: str, step: int, writer, rank: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -207,7 +208,11 @@ def _load_silence_latent(variant_dir: Path) -> torch.Tensor | None:
     if not path.is_file():
         return None
     # weights_only: a plain tensor, never arbitrary pickled objects
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"{path}: holds pickled objects other than tensors; not loaded (only a plain tensor "
+                             f"is read, with torch.load(weights_only=True))") from None
     if not isinstance(raw, torch.Tensor) or raw.dim() != 3:
         raise ModelLoadError(f"{path}: expected a [1, C, T] tensor, got {type(raw).__name__}")
     return raw.transpose(1, 2).contiguous()  # upstream stores [1, C, T]; the encoder keeps [1, T, C]
