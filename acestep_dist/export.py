@@ -82,6 +82,7 @@ def find_trained_weights(path: str | Path) -> TrainedWeights:
     raise UserError(f"{path} is not an acedist run, final/ or checkpoint folder (no {STATE_FILE})")
 
 
+README_START = "Exported by acedist from"
 README = """Exported by acedist from {source} (step {step}, {variant}, base model {model}).
 
 {body}
@@ -149,8 +150,28 @@ def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | No
     return _export(find_trained_weights(source), None, out, fmt, name or Path(source).resolve().name, log)
 
 
+def _check_out(out: Path) -> None:
+    """An export replaces its own files: ``out`` must be new, empty, or an earlier export (its
+    README.txt says so); a folder of the user's is never written into."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if not any(out.iterdir()):
+        return
+    readme = out / "README.txt"
+    try:
+        ours = readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith(README_START)
+    except OSError:
+        ours = False
+    if not ours:
+        raise UserError(f"--out {out} holds files that are not an acedist export (no README.txt of ours); "
+                        f"export into a new or empty folder")
+
+
 def _export(trained: TrainedWeights, origin: str | None, out: str | Path, fmt: str, name: str, log) -> list[Path]:
     out = Path(out)
+    _check_out(out)
     wanted = ("diffusers", "peft", "comfyui") if fmt == "all" else (fmt,)
     written: list[Path] = []
     # the weights are read (and checked) before anything is written: a corrupt run leaves no half export

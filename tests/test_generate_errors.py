@@ -234,3 +234,18 @@ def test_the_peft_weights_file_works_like_its_folder(lora, lora_files, tiny_turb
     shutil.copy(folder / "adapter_model.safetensors", alone)
     with pytest.raises(UserError, match="PEFT weights need their adapter_config.json"):
         read_lora(alone / "adapter_model.safetensors")
+
+
+def test_export_writes_only_into_a_new_empty_or_earlier_export_folder(lora_files, tiny_turbo, tmp_path):
+    run = _lora_run(tmp_path / "run", lora_files, tiny_turbo)
+    mine = tmp_path / "mine"
+    (mine / "diffusers").mkdir(parents=True)
+    (mine / "diffusers" / "notes.txt").write_text("a user's file")
+    with pytest.raises(UserError, match="not an acedist export"):
+        export(run, mine, "all", log=lambda _: None)
+    assert (mine / "diffusers" / "notes.txt").read_text() == "a user's file"
+    assert sorted(p.name for p in mine.iterdir()) == ["diffusers"]
+    # an earlier export of ours is replaced in place
+    export(run, tmp_path / "export", "all", log=lambda _: None)
+    export(run, tmp_path / "export", "all", log=lambda _: None)
+    assert read_lora(tmp_path / "export" / "peft").rank == read_lora(lora_files["diffusers"]).rank
