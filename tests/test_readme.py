@@ -40,7 +40,7 @@ def test_every_command_has_help():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["prep", "/no/such/songs", "--model", "/no/model", "--out", "{tmp}/o"], "source /no/such/songs does not exist"),
+    (["prep", "/no/such/songs", "--model", "/no/model", "--out", "{tmp}/o"], "model '/no/model': no such folder"),
     (["train", "--data", "{tmp}", "--model", "/no/model", "--output", "{tmp}/r", "learnig_rate=1e-4"],
      "unknown key 'learnig_rate' (did you mean 'learning_rate'?)"),
     (["train", "--config", "/no/such.yaml", "--data", "{tmp}", "--model", "m", "--output", "{tmp}/r"], "does not exist"),
@@ -421,3 +421,10 @@ def test_embedded_audio_with_a_url_out_is_rejected_saying_what_to_do(tmp_path, c
     listing = load_source(tmp_path / "ds", PrepConfig(), cache_dir=None)
     assert not listing.records
     assert "needs a local --out" in listing.rejected[0].reason and "acedist convert" in listing.rejected[0].reason
+
+
+def test_a_missing_source_is_one_error_line(prep_model, tmp_path):
+    result = _acedist("prep", "/no/such/songs", "--model", str(prep_model), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "source /no/such/songs does not exist" in lines[0], result.stderr
