@@ -124,6 +124,19 @@ def warn_row(listing: SourceListing, input: str, row: str, notes: Sequence[str])
 
 # ---- text files
 
+def read_table_text(path: Path, warnings: list["Problem"]) -> str:
+    """The text of a metadata table or manifest; a legacy encoding is read with a warning naming
+    the file, a file that is no text (or unreadable) stops the source."""
+    try:
+        text, legacy = decode_text(path.read_bytes(), path.name)
+    except (OSError, ValueError) as error:
+        raise SourceError(f"{path}: cannot read: {error}") from None
+    if legacy:
+        warnings.append(Problem(str(path), "source", f"{path} is not UTF-8; read as {legacy} (save it as UTF-8 to "
+                                f"be sure of its characters)"))
+    return text
+
+
 def decode_text(data: bytes, name: str) -> tuple[str, str | None]:
     """(text, the legacy encoding it was in, or None) of a caption, lyrics or metadata file.
 

@@ -81,16 +81,22 @@ def check_text(name: str, value: Any) -> str | None:
     return value.strip()
 
 
+def _number(value: Any) -> float | None:
+    """A finite number from a number or numeric text; None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def check_bpm(value: Any, notes: RowNotes) -> int | None:
     if is_blank(value):
         return None
-    number = None
-    if not isinstance(value, bool):
-        try:
-            number = float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            pass
-    if number is None or not math.isfinite(number):
+    number = _number(value)
+    if number is None:
         notes.dropped("bpm", value, "is not a number", "N/A")
         return None
     bpm = int(round(number))  # the prompt writes whole bpm (normalize_bpm)
@@ -149,13 +155,8 @@ def check_language(value: Any, notes: RowNotes) -> str | None:
 def check_repeat(value: Any) -> int:
     if is_blank(value):
         return 1
-    number = None
-    if not isinstance(value, bool):
-        try:
-            number = float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            pass
-    if number is None or not math.isfinite(number) or number != int(number) or number < 1:
+    number = _number(value)
+    if number is None or number != int(number) or number < 1:
         raise RowRejected(f"repeat must be a whole number >= 1 (the song's epoch multiplier); got {value!r}")
     return int(number)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import PrepConfig
 from ..records import Record
 from .base import (
-    AUDIO_EXTENSIONS, Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, decode_text, read_text,
+    AUDIO_EXTENSIONS, Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, read_table_text, read_text,
     warn_row,
 )
 from .fields import RowRejected, check_fields, metadata_values
@@ -27,13 +27,7 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 
 def _metadata_entries(path: Path, warnings: list[Problem]) -> list[tuple[int, object]]:
     """(line, row) of one metadata file."""
-    try:
-        text, legacy = decode_text(path.read_bytes(), path.name)
-    except (OSError, ValueError) as error:
-        raise SourceError(f"{path}: cannot read metadata: {error}") from None
-    if legacy:
-        warnings.append(Problem(str(path), "source", f"{path} is not UTF-8; read as {legacy} (save it as UTF-8 "
-                                f"to be sure of its characters)"))
+    text = read_table_text(path, warnings)
     if path.suffix == ".csv":
         try:
             reader = csv.DictReader(io.StringIO(text, newline=""))

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from ..config import PrepConfig
 from ..records import Record
-from .base import Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, decode_text, warn_row
+from .base import Entry, Problem, SourceError, SourceListing, add_entries, clean_optional, read_table_text, warn_row
 from .fields import check_fields, check_text, metadata_values
 
 FORMATS = ("manifest", "diffsynth", "acestep-json")
@@ -49,13 +49,7 @@ def read_rows(path: Path, warnings: list[Problem]) -> tuple[list[SourceRow], dic
     object's top-level ``metadata`` (the dataset builder's settings; empty when there is none).
     A legacy-encoded file is read with a warning (``decode_text``); a JSONL line that is not JSON or
     a CSV line with more values than columns is one bad row, unless no line can be read at all."""
-    try:
-        text, legacy = decode_text(path.read_bytes(), path.name)
-    except (OSError, ValueError) as error:
-        raise SourceError(f"{path}: cannot read: {error}") from None
-    if legacy:
-        warnings.append(Problem(str(path), "source", f"{path} is not UTF-8; read as {legacy} (save it as UTF-8 to "
-                                f"be sure of its characters)"))
+    text = read_table_text(path, warnings)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
