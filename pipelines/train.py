@@ -18,7 +18,7 @@ from typing import Sequence
 
 from acestep_dist.config import TrainConfig, load_config
 from acestep_dist.errors import UserError
-from acestep_dist.families.ace_step_15.loading import load_components, resolve_checkpoint
+from acestep_dist.families.ace_step_15.loading import load_components
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.storage import open_fs, ray_train_storage
@@ -143,15 +143,15 @@ def run_train(
     data, output, model = local_path(data), local_path(output), local_or_hub(model)
     config = resolve_config_paths(config)
     # everything that can be checked here is, before any worker starts: errors name the file
-    check_init_lora(config, model)
-    recipe = training_recipe(load_components(model, parts=()).variant, config)  # configs only, no weights
+    described = load_components(model, parts=())  # configs only, no weights (a hub id resolves once here)
+    check_init_lora(config, described)
+    recipe = training_recipe(described.variant, config)
     refs = index_shards(data)
     verify_training_shards(data, sorted({ref.shard.rsplit("/", 1)[-1] for ref in refs}), log=log)
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
-    folder, _ = resolve_checkpoint(model)
     # a hub id stays a hub id: each node fills its own cache; a folder must be on storage every node reaches
-    model_ref = str(folder) if os.path.isabs(model) else model
+    model_ref = described.source if os.path.isabs(model) else model
     fs, root = open_fs(output)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     storage, name, storage_filesystem = ray_train_storage(output)

@@ -11,7 +11,7 @@ import torch
 from ..config import TrainConfig, sampler_parameter_problem
 from ..errors import UserError
 from ..flow import TrainingRecipe
-from ..families.ace_step_15 import AceStep15, VariantSpec
+from ..families.ace_step_15 import AceStep15, AceStep15Components, VariantSpec
 from ..families.ace_step_15.family import TrainingBatch
 from ..families.ace_step_15.lora_formats import LoraWeights, check_fits, read_lora
 
@@ -93,7 +93,7 @@ def read_init_lora(path: str) -> LoraWeights:
         raise UserError(f"init_lora {path} cannot be read as a LoRA: {type(error).__name__}: {error}") from None
 
 
-def check_init_lora(config: TrainConfig, model: str) -> None:
+def check_init_lora(config: TrainConfig, components: AceStep15Components) -> None:
     """On the driver, before any worker starts: ``init_lora`` readable and fitting the run's rank,
     alpha, preset and the model's DiT. The DiT is built on the meta device from its config (no
     weights are read); a worker checks the same again when it loads the adapter."""
@@ -103,10 +103,7 @@ def check_init_lora(config: TrainConfig, model: str) -> None:
         raise UserError("init_lora applies to model_type: lora only")
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
 
-    from ..families.ace_step_15.loading import load_components
-
     weights = read_init_lora(config.init_lora)
-    components = load_components(model, parts=())  # configs only
     family = AceStep15(components)
     _check_init_lora(weights, config, family.lora_targets(config.lora_preset), config.init_lora)
     with torch.device("meta"):
