@@ -27,9 +27,10 @@ from acestep_dist.config import PrepConfig
 from acestep_dist.errors import UserError
 from acestep_dist.prep import OK, REJECTED, ROW_DEFAULTS, TextEncoder, decode_row, plan_windows
 from acestep_dist.records import Record
-from acestep_dist.shards import iter_samples
 from acestep_dist.sources import Problem, SourceListing
 from pipelines.prep import EXIT_FATAL, EXIT_PARTIAL, run_prep
+
+from test_prep import _samples  # key -> sample of every shard in a prep output
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 48000
@@ -95,13 +96,6 @@ def _warnings(row: dict) -> list[str]:
     return [message for _stage, message in json.loads(row["warnings"])]
 
 
-def _samples(out: Path) -> dict[str, dict]:
-    samples = {}
-    for tar in sorted(out.glob("shard-*.tar")):
-        with open(tar, "rb") as f:
-            for sample in iter_samples(f):
-                samples[sample["key"]] = sample
-    return samples
 
 
 def _lines(path: Path) -> list[dict]:
