@@ -7,8 +7,18 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, families
 from .errors import UserError
+
+
+def _export_formats() -> list[str]:
+    from .export import export_formats
+
+    return export_formats()
+
+
+def _variant_choices() -> list[str]:
+    return [*families.union("variants"), *(alias for f in families.families() for alias in f.variant_aliases)]
 
 
 class _Group(click.Group):
@@ -53,53 +63,45 @@ def model() -> None:
 
 @model.command("tiny")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write")
-@click.option(
-    "--variant",
-    default="turbo",
-    show_default=True,
-    type=click.Choice(["turbo", "turbo-shift1", "turbo-shift3", "turbo-continuous", "base", "sft", "xl", "xl-turbo", "xl-base", "xl-sft"]),
-)
-@click.option("--latent-dim", default=8, show_default=True, type=click.IntRange(min=2), help="VAE latent channels (64 in the real model)")
+@click.option("--family", "family_name", default=families.names()[0], show_default=True, type=click.Choice(families.names()))
+@click.option("--variant", type=click.Choice(_variant_choices()), help="default: the family's own default")
+@click.option("--latent-dim", type=click.IntRange(min=2), help="VAE latent channels, where the family has them "
+                                                                 "(ACE-Step 1.5: 8 by default, 64 in the real model)")
 @click.option("--seed", default=0, show_default=True, type=int)
-def model_tiny(out_dir: str, variant: str, latent_dim: int, seed: int) -> None:
-    """Write a tiny random-weight ACE-Step 1.5 checkpoint (diffusers layout) for tests and demos."""
+def model_tiny(out_dir: str, family_name: str, variant: str | None, latent_dim: int | None, seed: int) -> None:
+    """Write a tiny random-weight checkpoint of a family's real architecture, for tests and demos."""
     from pathlib import Path
 
-    from .families.ace_step_15.tiny import write_tiny_checkpoint
-
-    if variant == "xl":
-        variant = "xl-base"
+    family = families.get(family_name)
+    variant = family.variant_name(variant or family.default_variant)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new folder")
-    write_tiny_checkpoint(out, variant=variant, latent_dim=latent_dim, seed=seed)
-    click.echo(f"wrote tiny ACE-Step 1.5 {variant} checkpoint to {out}")
+    family.write_tiny(out, variant, seed=seed, **({"latent_dim": latent_dim} if latent_dim is not None else {}))
+    click.echo(f"wrote tiny {family.name} {variant} checkpoint to {out}")
 
 
 @model.command("info")
 @click.argument("model_path")
 def model_info(model_path: str) -> None:
-    """Show the layout, variant and sizes of a checkpoint (folder or hub id)."""
-    from .families.ace_step_15 import load_components
-
-    parts = ("transformer", "condition_encoder")
-    components = load_components(model_path, parts)
-    spec = components.variant
-    sizes = {name: sum(p.numel() for p in getattr(components, name).parameters()) for name in parts}
-    info = {
-        "source": components.source,
-        "layout": components.layout,
-        "variant": spec.name,
-        "timestep_sampler": spec.default_sampler,
-        "timestep_sampler_parameters": repr(spec.timestep_sampler),
-        "cfg_dropout": spec.cfg_dropout,
-        "default_steps": spec.default_steps,
-        "default_guidance": spec.default_guidance,
-        "default_shift": spec.default_shift,
-        "latent_dim": components.transformer_config.get("audio_acoustic_hidden_dim"),
-        "parameters": sizes,
-    }
+    """Show the family, layout, variant and sizes of a checkpoint (folder or hub id), from its config files."""
+    _family, description = families.open_model(model_path)
+    info = description.as_dict()
+    info.update(info.pop("details"))
     click.echo(json.dumps(info, indent=2))
+
+
+@model.command("list")
+def model_list() -> None:
+    """The model families this acedist knows, with their variants, LoRA presets, export formats and tasks."""
+    for family in families.families():
+        aliases = ", ".join(f"{alias} = {name}" for alias, name in family.variant_aliases.items())
+        click.echo(f"{family.name}")
+        click.echo(f"  variants      {', '.join(family.variants)}" + (f" (aliases: {aliases})" if aliases else ""))
+        click.echo(f"  lora presets  {', '.join(family.lora_presets) or '-'}")
+        click.echo(f"  lora formats  {', '.join(family.lora_formats) or '-'}")
+        click.echo(f"  full formats  {', '.join(family.full_formats) or '-'}")
+        click.echo(f"  tasks         {', '.join(family.tasks)}")
 
 
 @cli.command()
@@ -201,8 +203,9 @@ def convert(source, out, audio_root, dedupe, allow_outside_paths, caption_fields
 @click.argument("run")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write")
 @click.option("--format", "fmt", default="all", show_default=True,
-              type=click.Choice(["diffusers", "peft", "comfyui", "all"]),
-              help="LoRA: diffusers file, upstream PEFT folder, ComfyUI file; full fine-tunes: diffusers + upstream")
+              type=click.Choice(_export_formats()),
+              help="what the run's family writes (`acedist model list`); ACE-Step 1.5 LoRA: diffusers file, "
+                   "upstream PEFT folder, ComfyUI file; full fine-tunes: diffusers pipeline, upstream files")
 @click.option("--name", help="file name stem of the ComfyUI LoRA (default: the run folder's name)")
 def export(run, out, fmt, name) -> None:
     """Export the weights of RUN (a run folder, its final/ or one checkpoint_* folder) into OUT.
@@ -232,6 +235,8 @@ def export(run, out, fmt, name) -> None:
 @click.option("--guidance", type=float, help="guidance scale (default: the variant's)")
 @click.option("--shift", type=float, help="timestep shift (default: the variant's)")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--task", type=click.Choice(families.union("tasks")),
+              help="default: repaint with --repaint, cover with --src-audio alone, else text2music")
 @click.option("--src-audio", type=click.Path(dir_okay=False, exists=True),
               help="source audio: cover it, or repaint part of it with --repaint")
 @click.option("--repaint", nargs=2, type=float, metavar="START END",
@@ -241,11 +246,11 @@ def export(run, out, fmt, name) -> None:
 def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps,
              guidance, shift, seed, src_audio, repaint, cover_strength, out) -> None:
     """Render PROMPT (and lyrics) to audio with MODEL, optionally with a LoRA."""
-    from .generate import GenerateRequest, generate as render
+    from .generate import RenderRequest, generate as render
     from .paths import existing_file_text
 
     lyrics = existing_file_text(lyrics, option="--lyrics")
-    request = GenerateRequest(prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps, guidance, shift,
+    request = RenderRequest(prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps, guidance, shift,
                               seed, src_audio, tuple(repaint) if repaint else None, cover_strength)
     render(model, request, out, lora=lora, lora_scale=lora_scale, log=click.echo)
 

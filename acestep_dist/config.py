@@ -2,13 +2,16 @@
 
 Training keys use SimpleTuner's names where one exists, so settings carry over. Unknown keys are
 errors (a typo must not silently fall back to a default) and the message suggests the closest key.
+The keys here are every family's; a model family declares its own (``Family.prep_options`` /
+``train_options``): a config accepts them while it is read, and the family validates them once
+the model is known (``family_options``).
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, ClassVar, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,11 +20,28 @@ from .errors import ConfigError
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    family_options_attribute: ClassVar[str]  # the Family attribute declaring this kind's family keys
+
+    @model_validator(mode="after")
+    def _family_keys(self) -> "_Settings":
+        """Keys that are not general must be some registered family's (checked by it later)."""
+        extras = self.model_extra or {}
+        if extras:
+            from .families import families
+
+            known = {key for family in families() for key in getattr(family, self.family_options_attribute).model_fields}
+            unknown = [key for key in extras if key not in known]
+            if unknown:
+                everything = list(type(self).model_fields) + sorted(known)
+                raise ValueError("; ".join(f"unknown key {key!r}{_suggest(key, everything)}" for key in unknown))
+        return self
 
 
 class PrepConfig(_Settings):
     """How audio becomes training samples (``acedist prep``)."""
+
+    family_options_attribute = "prep_options"
 
     max_duration: float = Field(240.0, gt=0, description="longest window in seconds; longer audio is cropped or split")
     min_duration: float = Field(1.0, ge=0, description="shorter audio is rejected")
@@ -40,8 +60,6 @@ class PrepConfig(_Settings):
     lyrics_column: str = Field("lyrics", description="HF datasets: the lyrics column")
     audio_column: str = Field("audio", description="HF datasets: Audio column or path column")
     dataset_split: str = Field("train", description="HF datasets: the split to prepare")
-    text_max_tokens: int = Field(256, gt=0)
-    lyric_max_tokens: int = Field(2048, gt=0)
     shard_size_mb: float = Field(256.0, gt=0, description="target size of one WebDataset shard")
     encode_batch_size: int = Field(8, gt=0, description="records per text-encoder call")
     decode_workers: int | None = Field(None, gt=0, description="CPU decode tasks in flight (default: cluster CPUs)")
@@ -57,6 +75,8 @@ class PrepConfig(_Settings):
 
 class TrainConfig(_Settings):
     """Fine-tuning settings (``acedist train``). Defaults follow upstream ACE-Step 1.5's LoRA trainer."""
+
+    family_options_attribute = "train_options"
 
     model_type: Literal["lora", "full"] = "lora"
     learning_rate: float = Field(1e-4, gt=0)
@@ -77,7 +97,7 @@ class TrainConfig(_Settings):
     lora_rank: int = Field(8, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
-    lora_preset: Literal["attention", "attention+mlp"] = "attention"
+    lora_preset: str = Field("attention", description="which layers get adapters: one of the model family's presets")
     use_rslora: bool = False
     init_lora: str | None = Field(None, description="continue from a LoRA in diffusers, PEFT or ComfyUI format")
     timestep_sampler: Literal["discrete-turbo", "max-logit-normal", "logit-normal", "uniform"] | None = Field(
@@ -89,8 +109,6 @@ class TrainConfig(_Settings):
     timestep_sigma: float | None = Field(None, gt=0, description="logit-normal samplers; default: the checkpoint's (1.0)")
     timestep_shift: float | None = Field(None, gt=0, description="discrete-turbo and uniform samplers; default: the "
                                                                    "variant's sampling shift (uniform on base/SFT: 1)")
-    lyrics_embedder_train: bool = Field(False, description="also train the condition encoder's lyric encoder")
-    lyrics_embedder_lr: float | None = Field(None, gt=0)
     validation_prompt: str | None = None
     validation_lyrics: str | None = None
     validation_audio_duration: float = Field(30.0, gt=0)
@@ -103,12 +121,6 @@ class TrainConfig(_Settings):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     max_failures: int = Field(0, ge=-1, description="-1: retry forever")
-
-    @model_validator(mode="after")
-    def _lyrics_lr(self) -> "TrainConfig":
-        if self.lyrics_embedder_lr is not None and not self.lyrics_embedder_train:
-            raise ValueError("lyrics_embedder_lr is set but lyrics_embedder_train is false")
-        return self
 
     @model_validator(mode="after")
     def _sampler_parameters(self) -> "TrainConfig":
@@ -196,3 +208,17 @@ def load_config(
         return cls.model_validate(data)
     except ValidationError as error:
         raise _explain(error, cls, source) from None
+
+
+def family_options(config: _Settings, family):
+    """The family's own keys of ``config``, validated by the family (``FamilyOptions``)."""
+    cls = getattr(family, config.family_options_attribute)
+    extras = dict(config.model_extra or {})
+    foreign = [key for key in extras if key not in cls.model_fields]
+    if foreign:
+        raise ConfigError(f"{', '.join(map(repr, foreign))}: not a setting of the model family {family.name} "
+                          f"(its own keys: {', '.join(cls.model_fields) or 'none'})")
+    try:
+        return cls.model_validate(extras)
+    except ValidationError as error:
+        raise _explain(error, cls, f"{family.name} settings") from None

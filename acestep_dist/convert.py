@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import PrepConfig
-from .errors import UserError
+from .errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, UserError
 from .records import Record
 from .sources.base import Problem
 from .sources.hf import list_hf_dataset, open_dataset
 from .sources.upstream import is_upstream_dataset, read_upstream
 
 # prep's convention
-EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 3
 
 _METADATA_FIELDS = ("bpm", "keyscale", "timesignature", "language")
 

@@ -11,3 +11,10 @@ class ConfigError(UserError):
 
 class ModelLoadError(UserError):
     """A checkpoint that cannot be found, or is not an ACE-Step checkpoint of a known layout."""
+
+
+# Exit statuses of the commands that process many inputs (prep, convert) and of inspect.
+EXIT_OK = 0
+EXIT_FATAL = 1  # nothing usable was written (or a UserError)
+EXIT_CORRUPT = 2  # inspect found damaged shards
+EXIT_PARTIAL = 3  # some inputs were rejected (listed), the rest written

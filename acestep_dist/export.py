@@ -1,35 +1,31 @@
-"""`acedist export`: a run's trained weights in the files diffusers, upstream ACE-Step and ComfyUI load.
+"""`acedist export`: a run's trained weights in the files its model family's consumers load.
 
-LoRA -> ``diffusers/pytorch_lora_weights.safetensors`` (adapter config in the header),
-``peft/`` (``adapter_config.json`` + ``adapter_model.safetensors``, upstream module names) and
-``comfyui/<name>.safetensors`` (``.alpha`` per module). Full fine-tune -> ``diffusers/`` (a
-pipeline folder ``AceStepPipeline.from_pretrained`` loads) and ``upstream/model.safetensors``
-(upstream key names, with its ``config.json`` and ``silence_latent.pt``). Weights in a run are
-already whole (ZeRO-3 parameters are gathered when a checkpoint is written).
+The run's state names its family; the family writes the formats (ACE-Step 1.5: a LoRA as
+diffusers, PEFT and ComfyUI files; a full fine-tune as a diffusers pipeline folder and upstream's
+checkpoint files). This module finds the run, checks it, keeps ``--out`` safe, and writes the
+README. Weights in a run are already whole (ZeRO-3 parameters are gathered when a checkpoint is
+written).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from .errors import UserError
-from .families.ace_step_15.lora_formats import read_lora, with_provenance, write_comfyui, write_diffusers, write_peft
-from .train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
-
-EXPORT_FORMATS = ("diffusers", "peft", "comfyui", "all")
-
+from .families import LEGACY_FAMILY, Family, get, open_model, union
+from .train.layout import FINAL_DIR, STATE_FILE, weight_files
 
 # what export reads from a checkpoint's acedist_state.json (train/loop.py writes it), and its type
 STATE_FIELDS = {"model_type": str, "variant": str, "model": str, "step": int}
 MODEL_TYPES = ("lora", "full")
+
+
+def export_formats() -> list[str]:
+    """Every format some family writes, and "all"."""
+    return [*union("lora_formats"), *union("full_formats"), "all"]
 
 
 @dataclass
@@ -42,8 +38,17 @@ class TrainedWeights:
         return self.state["model_type"] == "lora"
 
     @property
+    def family(self) -> Family:
+        return get(self.state.get("family", LEGACY_FAMILY))
+
+    @property
+    def weights(self) -> list[str]:
+        return weight_files(self.state)
+
+    @property
     def provenance(self) -> dict:
-        return {"variant": self.state["variant"], "model": self.state["model"], "step": self.state["step"]}
+        return {"family": self.family.name, "variant": self.state["variant"], "model": self.state["model"],
+                "step": self.state["step"]}
 
 
 def read_state(file: Path) -> dict:
@@ -63,6 +68,8 @@ def read_state(file: Path) -> dict:
             raise UserError(f"{file}: {field} is {value!r}, not a {kind.__name__}")
     if state["model_type"] not in MODEL_TYPES:
         raise UserError(f"{file}: model_type is {state['model_type']!r}, not one of {', '.join(MODEL_TYPES)}")
+    if "weights" in state and not (isinstance(state["weights"], list) and all(isinstance(w, str) for w in state["weights"])):
+        raise UserError(f"{file}: weights is {state['weights']!r}, not a list of file names")
     return state
 
 
@@ -71,11 +78,11 @@ def find_trained_weights(path: str | Path) -> TrainedWeights:
     path = Path(path)
     for folder in (path / FINAL_DIR, path):
         if (folder / STATE_FILE).is_file():
-            state = read_state(folder / STATE_FILE)
-            want = LORA_FILE if state["model_type"] == "lora" else TRANSFORMER_DIR
-            if not (folder / want).exists():
-                raise UserError(f"{folder} lacks {want}: not a complete acedist checkpoint")
-            return TrainedWeights(folder, state)
+            trained = TrainedWeights(folder, read_state(folder / STATE_FILE))
+            for name in trained.weights:
+                if not (folder / name).exists():
+                    raise UserError(f"{folder} lacks {name}: not a complete acedist checkpoint")
+            return trained
     if path.is_dir() and sorted(path.glob("checkpoint_*")):
         raise UserError(f"{path} holds checkpoints but no final/ (the run did not finish); "
                         f"pass one of its checkpoint_* folders")
@@ -83,32 +90,9 @@ def find_trained_weights(path: str | Path) -> TrainedWeights:
 
 
 README_START = "Exported by acedist from"
-README = """Exported by acedist from {source} (step {step}, {variant}, base model {model}).
+README = """Exported by acedist from {source} (step {step}, {family} {variant}, base model {model}).
 
 {body}
-"""
-
-LORA_README = """LoRA rank {rank}, alpha {alpha:g}{rslora}, on the DiT's {targets}.
-
-diffusers/pytorch_lora_weights.safetensors
-    diffusers: pipe = AceStepPipeline.from_pretrained(BASE); pipe.load_lora_weights("diffusers/")
-    The adapter config (rank, alpha) is in the file header, so it loads at scale 1.0 as trained.
-peft/ (adapter_config.json + adapter_model.safetensors)
-    upstream ACE-Step 1.5: PeftModel.from_pretrained(model.decoder, "peft/") - its LoRA folder.
-comfyui/{name}.safetensors
-    ComfyUI: copy into ComfyUI/models/loras/ and use a LoRA loader node on the ACE-Step 1.5 model
-    (keys diffusion_model.decoder.*, one .alpha per module).
-acedist: acedist generate --model BASE --lora <any of the three> ...
-"""
-
-FULL_README = """A full fine-tune of the DiT{lyric}.
-
-diffusers/
-    diffusers: AceStepPipeline.from_pretrained("diffusers/") - the whole pipeline folder.
-upstream/model.safetensors (+ config.json, silence_latent.pt)
-    upstream ACE-Step 1.5: replace the variant folder's model.safetensors and config.json (e.g.
-    checkpoints/acestep-v15-turbo/) with these; vae/ and Qwen3-Embedding-0.6B/ are unchanged.
-acedist: acedist generate --model diffusers/ ...
 """
 
 
@@ -123,7 +107,9 @@ def _fetch_weights(url: str, into: Path) -> str:
     for folder in (f"{root}/{FINAL_DIR}", root):
         if not fs.isfile(f"{folder}/{STATE_FILE}"):
             continue
-        for item in (STATE_FILE, LORA_FILE, LYRIC_ENCODER_FILE, TRANSFORMER_DIR):
+        fs.get_file(f"{folder}/{STATE_FILE}", str(into / STATE_FILE))
+        state = read_state(into / STATE_FILE)
+        for item in weight_files(state):
             path = f"{folder}/{item}"
             for remote in (fs.find(path) if fs.isdir(path) else [path] if fs.isfile(path) else []):
                 local = into / item / remote[len(path) + 1:] if remote != path else into / item
@@ -140,8 +126,8 @@ def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | No
            log=print) -> list[Path]:
     """Export the run, ``final/`` or ``checkpoint_*`` folder ``source`` (a local path or a URL such as
     ``s3://bucket/runs/x``, whose weights are downloaded first) into the local folder ``out``."""
-    if fmt not in EXPORT_FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if fmt not in export_formats():
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(export_formats())}")
     if "://" in str(source):
         with tempfile.TemporaryDirectory(prefix="acedist-export-") as folder:
             origin = _fetch_weights(str(source), Path(folder))
@@ -172,79 +158,22 @@ def _check_out(out: Path) -> None:
 def _export(trained: TrainedWeights, origin: str | None, out: str | Path, fmt: str, name: str, log) -> list[Path]:
     out = Path(out)
     _check_out(out)
-    wanted = ("diffusers", "peft", "comfyui") if fmt == "all" else (fmt,)
-    written: list[Path] = []
+    family = trained.family
+    offered = family.lora_formats if trained.is_lora else family.full_formats
+    what = f"a {family.name} {'LoRA' if trained.is_lora else 'full fine-tune'}"
+    if fmt != "all" and fmt not in offered:
+        raise UserError(f"{what} exports as {', '.join(offered) or 'nothing'}; not {fmt}")
+    formats = offered if fmt == "all" else (fmt,)
     # the weights are read (and checked) before anything is written: a corrupt run leaves no half export
     if trained.is_lora:
-        weights = read_lora(trained.folder / LORA_FILE)
-        out.mkdir(parents=True, exist_ok=True)
-        if "diffusers" in wanted:
-            written.append(write_diffusers(weights, out / "diffusers"))
-        if "peft" in wanted:
-            written.append(write_peft(weights, out / "peft") / "adapter_model.safetensors")
-        if "comfyui" in wanted:
-            written.append(write_comfyui(weights, out / "comfyui" / f"{name}.safetensors"))
-        for file in written:
-            with_provenance(file, trained.provenance)
-        body = LORA_README.format(rank=weights.rank, alpha=weights.alpha, name=name,
-                                  rslora=" (rsLoRA)" if weights.use_rslora else "", targets=", ".join(weights.targets))
+        written, body = family.export_lora(trained.folder, trained.weights, out, formats, name, trained.provenance)
     else:
-        if "comfyui" in wanted and fmt != "all":
-            raise UserError("a full fine-tune exports as diffusers or upstream weights; comfyui is for LoRAs")
-        family = _load_full(trained)
-        out.mkdir(parents=True, exist_ok=True)
-        written += _export_full(family, out, wanted)
-        lyric = " and the lyric encoder" if (trained.folder / LYRIC_ENCODER_FILE).is_file() else ""
-        body = FULL_README.format(lyric=lyric)
+        base, description = open_model(trained.state["model"])
+        if base.name != family.name:
+            raise UserError(f"{trained.folder} is a run of the model family {family.name}, but its base model "
+                            f"{trained.state['model']} is {base.name}; export needs the model it was trained from")
+        written, body = family.export_full(description, trained.folder, trained.weights, out, formats)
     (out / "README.txt").write_text(README.format(source=origin or trained.folder, body=body, **trained.provenance))
     for path in written:
         log(f"export: wrote {path}")
-    return written
-
-
-def _load_full(trained: TrainedWeights):
-    """The base pipeline with the trained DiT (and lyric encoder) swapped in."""
-    from diffusers import AceStepTransformer1DModel
-
-    from .families.ace_step_15 import AceStep15
-
-    family = AceStep15.load(trained.state["model"])
-    components = family.components
-    folder = trained.folder / TRANSFORMER_DIR
-    try:  # safetensors only: diffusers would otherwise fall back to a pickled .bin in the folder
-        components.transformer = AceStepTransformer1DModel.from_pretrained(str(folder), use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise UserError(f"{folder}: the trained DiT does not load (incomplete or corrupt?): {error}") from None
-    lyric_file = trained.folder / LYRIC_ENCODER_FILE
-    if lyric_file.is_file():
-        try:
-            components.condition_encoder.lyric_encoder.load_state_dict(load_file(str(lyric_file)))
-        except (OSError, RuntimeError, SafetensorError) as error:
-            raise UserError(f"{lyric_file}: the trained lyric encoder does not load (incomplete or corrupt?): "
-                            f"{error}") from None
-    return family
-
-
-def _export_full(family, out: Path, wanted) -> list[Path]:
-    from .families.ace_step_15.keymap import diffusers_to_upstream, upstream_config
-
-    components = family.components
-    written = []
-    if "diffusers" in wanted or "peft" in wanted:  # "peft" has no meaning for a full model: diffusers it is
-        target = out / "diffusers"
-        if target.exists():
-            shutil.rmtree(target)
-        family.pipeline().save_pretrained(str(target), safe_serialization=True)
-        written.append(target)
-    target = out / "upstream"
-    target.mkdir(parents=True, exist_ok=True)
-    state = diffusers_to_upstream(components.transformer.state_dict(), components.condition_encoder.state_dict())
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target / "model.safetensors"),
-              metadata={"format": "pt"})
-    config = upstream_config(components.transformer.config, components.condition_encoder.config)
-    (target / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    # upstream reads this with torch.load; a plain tensor is all it holds
-    torch.save(components.condition_encoder.silence_latent.detach().transpose(1, 2).contiguous().cpu(),
-               target / "silence_latent.pt")
-    written.append(target / "model.safetensors")
     return written

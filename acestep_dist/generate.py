@@ -1,19 +1,18 @@
-"""`acedist generate`: render a prompt with a model and optionally a LoRA in any of its three formats.
+"""`acedist generate`: render a prompt with a model (any registered family) and optionally a LoRA.
 
-The pipeline is diffusers' ``AceStepPipeline`` (via the family), noise from
-``torch.Generator("cpu").manual_seed(seed)`` and diffusers' post-processing, so the same model,
-LoRA, inputs and seed give the same audio here and in diffusers.
+This module checks what can be checked from config files before any weights load (output file,
+duration, task, source audio range, the LoRA's family), decodes the source audio at the model's
+rate, and writes the file; the family renders (``FamilyModel.generate``). ACE-Step 1.5 renders
+through diffusers' ``AceStepPipeline``, so the same model, LoRA, inputs and seed give the same
+audio here and in diffusers.
 
-Repaint and cover keep the source's length, as upstream ACE-Step 1.5 and diffusers do: the latent
-length comes from the encoded source, and the prompt's metas line gives the source's duration
-(upstream's ``prepare_batch_data`` takes it from the source audio; diffusers' pipeline uses
-``audio_duration`` for the metas when one is passed, so we pass the source's).
+Repaint and cover keep the source's length, as upstream ACE-Step 1.5 and diffusers do: the output
+is as long as the source, and the prompt's metas line gives the source's duration.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,34 +20,20 @@ import torch
 
 from .audio import decode_window, write_audio
 from .errors import UserError
-from .families.ace_step_15 import AceStep15
-from .families.ace_step_15.lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
+from .families import Family, ModelDescription, RenderRequest, open_model
 from .records import Record
 
-ADAPTER = "acedist"
 TEXT2MUSIC_DURATION = 30.0  # seconds, when --duration is not given and there is no source
-# ACE-Step 1.5 runs at 48 kHz; the source is decoded at this rate before the model loads (so bad
-# ranges fail fast) and again at the model's own rate should that ever differ.
-SOURCE_RATE = 48000
 # a --duration given with --src-audio must name the source's length to within this
 DURATION_TOLERANCE = 0.05
-# ACE-Step 1.5 generates up to 10 minutes: upstream's acestep/constants.py has DURATION_MAX = 600
-# (github.com/ace-step/ACE-Step-1.5), diffusers' AceStepPipeline docs say "from 10 seconds to 10
-# minutes". Beyond it the model was never trained, and the latents alone outgrow any memory
-# (100000 s would ask for terabytes). Upstream's DURATION_MIN = 10 is a quality floor, not a limit
-# of the model: shorter renders work and keep tests and demos quick, so it is not enforced.
-MAX_DURATION = 600.0
 
 
 @dataclass
 class GenerateRequest:
-    prompt: str
-    lyrics: str | None = None
+    """What ``acedist generate`` was asked: the record to render (caption, lyrics, bpm, ...) and how."""
+
+    record: Record
     duration: float | None = None  # seconds; text2music: 30 when None; repaint / cover: the source's length
-    bpm: int | None = None
-    keyscale: str | None = None
-    timesignature: str | None = None
-    language: str | None = None
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -56,27 +41,26 @@ class GenerateRequest:
     src_audio: str | None = None
     repaint: tuple[float, float] | None = None
     cover_strength: float = 1.0
+    task: str | None = None  # default: repaint with --repaint, cover with --src-audio alone, else text2music
+
+    @property
+    def chosen_task(self) -> str:
+        if self.task:
+            return self.task
+        if self.src_audio:
+            return "repaint" if self.repaint else "cover"
+        return "text2music"
 
 
-def load_lora_into(pipe, family: AceStep15, path: str, scale: float = 1.0,
-                   weights: LoraWeights | None = None) -> LoraWeights:
-    """Any of the three formats, through diffusers' own ``load_lora_weights`` (alpha kept);
-    ``weights`` is ``read_lora(path)`` when the caller has read it already."""
-    weights = weights if weights is not None else read_lora(path)
-    check_fits(weights, family.components.transformer, family.variant.name, path)
-    with tempfile.TemporaryDirectory() as folder:
-        pipe.load_lora_weights(str(write_diffusers(weights, folder)), adapter_name=ADAPTER)
-    pipe.set_adapters([ADAPTER], [scale])
-    return weights
-
-
-def _check_duration(duration: float | None) -> None:
+def _check_duration(duration: float | None, family: Family) -> None:
     if duration is None:
         return
+    limit = family.max_generate_seconds
     if not math.isfinite(duration) or duration <= 0:
-        raise UserError(f"--duration {duration:g}: give a number of seconds above 0 and at most {MAX_DURATION:g}")
-    if duration > MAX_DURATION:
-        raise UserError(f"--duration {duration:g}: ACE-Step 1.5 generates at most {MAX_DURATION:g} s (10 minutes)")
+        raise UserError(f"--duration {duration:g}: give a number of seconds above 0"
+                        + (f" and at most {limit:g}" if limit else ""))
+    if limit and duration > limit:
+        raise UserError(f"--duration {duration:g}: {family.name} generates at most {limit:g} s")
 
 
 def _read_source(path: str, rate: int) -> torch.Tensor:
@@ -104,54 +88,60 @@ def _check_against_source(request: GenerateRequest, seconds: float) -> None:
                             f"need 0 <= START < END <= {seconds:.2f}")
 
 
+def _check_task(request: GenerateRequest, family: Family) -> str:
+    task = request.chosen_task
+    if task not in family.tasks:
+        raise UserError(f"{family.name} cannot {task}; its tasks: {', '.join(family.tasks)}")
+    if request.repaint and not request.src_audio:
+        raise UserError("--repaint needs --src-audio (the audio to repaint)")
+    if task in ("repaint", "cover") and not request.src_audio:
+        raise UserError(f"{task} needs --src-audio")
+    if task == "repaint" and not request.repaint:
+        raise UserError("repaint needs --repaint START END")
+    if task == "text2music" and request.src_audio:
+        raise UserError("text2music takes no --src-audio")
+    return task
+
+
+def _check_lora(family: Family, description: ModelDescription, lora: str) -> None:
+    """A LoRA another family or variant trained is refused before the model loads."""
+    provenance = family.lora_info(lora).get("provenance") or {}
+    other = provenance.get("family")
+    if other and other != family.name:
+        raise UserError(f"LoRA {lora} was trained on the model family {other!r}, the model is {family.name!r}; "
+                        f"use a model of its family")
+
+
 def generate(model: str, request: GenerateRequest, out: str | Path, lora: str | None = None,
              lora_scale: float = 1.0, log=print) -> Path:
     out = Path(out)
     if out.suffix.lower() not in (".wav", ".flac"):
         raise UserError(f"--out {out}: write a .wav or .flac file")
-    _check_duration(request.duration)
     if request.repaint and not request.src_audio:
         raise UserError("--repaint needs --src-audio (the audio to repaint)")
+    family, description = open_model(model)  # config files only: every check below runs before weights load
+    _check_duration(request.duration, family)
+    task = _check_task(request, family)
+    rate = description.sample_rate
     source = None
     if request.src_audio:
-        source = _read_source(request.src_audio, SOURCE_RATE)
-        _check_against_source(request, source.shape[-1] / SOURCE_RATE)
-    weights = read_lora(lora) if lora else None  # a bad LoRA fails before the model loads
-    family = AceStep15.load(model)
-    pipe = family.pipeline()
-    if weights is not None:
-        load_lora_into(pipe, family, lora, lora_scale, weights)
-        log(f"generate: LoRA {lora} (rank {weights.rank}, alpha {weights.alpha:g}) at scale {lora_scale:g}")
-    rate = family.sample_rate
-    extra: dict = {}
+        source = _read_source(request.src_audio, rate)
+        _check_against_source(request, source.shape[-1] / rate)
+    if lora:
+        _check_lora(family, description, lora)  # a bad LoRA fails before the model loads
     if source is not None:
-        if rate != SOURCE_RATE:
-            source = _read_source(request.src_audio, rate)
         samples = source.shape[-1]
         duration = samples / rate  # the metas line says the source's length, as upstream's does
-        # The VAE encodes whole latent frames only (floor): pad the source with silence to the next
-        # whole frame so the output covers all of it, then trim the output back to the source's length.
-        hop = family.hop_length
-        extra["src_audio"] = torch.nn.functional.pad(source, (0, -samples % hop))
-        if request.repaint:
-            start, end = request.repaint
-            extra.update(task_type="repaint", repainting_start=start, repainting_end=end)
-        else:
-            extra.update(task_type="cover", audio_cover_strength=request.cover_strength)
     else:
         duration = TEXT2MUSIC_DURATION if request.duration is None else request.duration
         samples = int(round(duration * rate))
-    record = Record(key="generate", audio="", caption=request.prompt, lyrics=request.lyrics, bpm=request.bpm,
-                    keyscale=request.keyscale, timesignature=request.timesignature, language=request.language,
-                    duration=duration)
-    try:
-        audio = family.generate(record, duration=duration, seed=request.seed, steps=request.steps,
-                                guidance=request.guidance, shift=request.shift, pipeline=pipe, **extra)
-    except (ValueError, RuntimeError) as error:
-        task = extra.get("task_type", "text2music")
-        raise UserError(f"{task} with this model failed in diffusers' AceStepPipeline: {error}") from None
-    # the DiT works in whole latent frames; the file gets exactly the asked (or the source's) length
+    loaded = family.load(description, "generate")
+    render = RenderRequest(request.record.with_(duration=duration), duration, task=task, seed=request.seed,
+                           steps=request.steps, guidance=request.guidance, shift=request.shift,
+                           source_audio=source, repaint=request.repaint, cover_strength=request.cover_strength)
+    audio = loaded.generate(render, lora=lora, lora_scale=lora_scale, log=log)
+    # the model works in whole latent frames; the file gets exactly the asked (or the source's) length
     audio = audio[..., :samples]
-    write_audio(out, audio[0].numpy(), rate)
+    write_audio(out, audio.numpy(), rate)
     log(f"generate: wrote {out} ({audio.shape[-1] / rate:.2f} s, {rate} Hz, seed {request.seed})")
     return out

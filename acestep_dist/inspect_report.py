@@ -10,10 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UserError
-from .shards import MANIFEST_FILE, ShardMarker, duplicate_keys, read_manifest, shard_name, verify_shard
+from .errors import EXIT_CORRUPT, EXIT_OK, UserError
+from .shards import MANIFEST_FILE, ShardMarker, duplicate_keys, marker_schema, read_manifest, shard_name, verify_shard
 
-EXIT_VERIFIED, EXIT_CORRUPT = 0, 2
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -30,17 +29,17 @@ def _plot(path_open, stats: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    panels = [
-        ("duration (s)", stats["_durations"]),
-        ("bpm", stats["_bpms"]),
-        ("text tokens", stats["_text_tokens"]),
-        ("lyric tokens", stats["_lyric_tokens"]),
-    ]
+    # histograms of duration, bpm and each length the schema measures (but frames: the duration's)
+    panels = [("duration (s)", stats["_durations"]), ("bpm", stats["_bpms"])]
+    panels += [(count.replace("_", " "), values) for count, values in stats["_counts"].items()]
+    columns = (len(panels) + 2 + 1) // 2
+    fig, axes = plt.subplots(2, columns, figsize=(4.7 * columns, 7), squeeze=False)
     for ax, (title, values) in zip(axes.flat, panels):
         ax.hist(values or [0], bins=min(30, max(5, len(values))), color="#4a7ab5")
         ax.set_title(title)
-    for ax, (title, counter) in zip(list(axes.flat)[4:], [("key", stats["keys"]), ("language", stats["languages"])]):
+    for ax in list(axes.flat)[len(panels) + 2:]:
+        ax.axis("off")
+    for ax, (title, counter) in zip(list(axes.flat)[len(panels):], [("key", stats["keys"]), ("language", stats["languages"])]):
         items = counter.most_common(12) or [("none", 0)]
         ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#b5794a")
         ax.set_title(title)
@@ -62,20 +61,30 @@ def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[s
     samples: list[dict[str, Any]] = []
     manifest_keys: list[str] = []
     located: list[tuple[str, str]] = []  # (key, "shard-N.tar sample i") of every marker row
+    schemas: dict[tuple[str, int], list[str]] = {}  # (family, schema version) -> its shards
+    schema = None
     for path in marker_paths:
         name = path.rsplit("/", 1)[-1]
         try:
             with fs.open(path, "r") as f:
                 marker = ShardMarker.from_json(f.read())
+            schema = marker_schema(marker, f"{out}/{name}")
+        except UserError as error:
+            problems[name] = [str(error)]
+            continue
         except (ValueError, TypeError, KeyError) as error:
             problems[name] = [f"unreadable marker: {error}"]
             continue
+        schemas.setdefault((schema.family, schema.version), []).append(shard_name(marker.index))
         manifest_keys += [row["key"] for row in marker.samples]
         located += [(row["key"], f"{shard_name(marker.index)} sample {i}") for i, row in enumerate(marker.samples)]
-        check = verify_shard(fs, root, marker)
+        check = verify_shard(fs, root, marker, schema)
         if check.problems:
             problems[check.shard] = check.problems
         samples += check.samples
+    if len(schemas) > 1:
+        problems["families"] = [f"one output holds one family's samples; found " + "; ".join(
+            f"{family} v{version} in {len(shards)} shard(s) (e.g. {shards[0]})" for (family, version), shards in schemas.items())]
     # training keeps one sample per key: a second one would silently replace the first
     duplicated = duplicate_keys(located)
     if duplicated:
@@ -99,15 +108,18 @@ def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[s
         "hours": sum(m["duration"] for m in metas) / 3600,
         "_durations": [m["duration"] for m in metas],
         "_bpms": [m["bpm"] for m in metas if m.get("bpm")],
-        "_text_tokens": [m["text_tokens"] for m in metas],
-        "_lyric_tokens": [m["lyric_tokens"] for m in metas],
+        "_counts": {count: [m[count] for m in metas if count in m]
+                    for count in (schema.counts if schema is not None else ()) if count != "frames"},
         "keys": Counter(m.get("keyscale") or "unknown" for m in metas),
         "languages": Counter(m.get("language") or "unknown" for m in metas),
         "with_lyrics": sum(1 for m in metas if m.get("lyrics")),
         "caption_chars": _spread([len(m["caption"]) for m in metas]),
     }
-    for name in ("durations", "bpms", "text_tokens", "lyric_tokens"):
-        stats[name.rstrip("s") if name == "durations" else name] = _spread(stats[f"_{name}"])
+    stats["duration"], stats["bpms"] = _spread(stats["_durations"]), _spread(stats["_bpms"])
+    for count, values in stats["_counts"].items():
+        stats[count] = _spread(values)
+    if schemas:
+        stats["families"] = {f"{family} v{version}": len(shards) for (family, version), shards in schemas.items()}
     _plot(lambda: fs.open(f"{root}/inspect_report.png", "wb"), stats)
     report = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in stats.items() if not k.startswith("_")}
     report["problems"] = problems
@@ -123,8 +135,8 @@ def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[s
         f"{stats['with_lyrics']} with lyrics")
     log(line("duration", report["duration"], " s"))
     log(line("bpm", report["bpms"]))
-    log(line("text tokens", report["text_tokens"]))
-    log(line("lyric tokens", report["lyric_tokens"]))
+    for count in stats["_counts"]:
+        log(line(count.replace("_", " "), report[count]))
     log(line("caption chars", report["caption_chars"]))
     log(f"{'keys':<14} " + ", ".join(f"{k} {v}" for k, v in stats["keys"].most_common(8)))
     log(f"{'languages':<14} " + ", ".join(f"{k} {v}" for k, v in stats["languages"].most_common(8)))
@@ -135,4 +147,4 @@ def inspect_output(out: str, log: Callable[[str], None] = print) -> tuple[dict[s
                 log(f"CORRUPT {shard}: {reason}")
         return report, EXIT_CORRUPT
     log("all shards verified")
-    return report, EXIT_VERIFIED
+    return report, EXIT_OK

@@ -1,7 +1,11 @@
 """Prep stages as plain functions and classes over dict rows (what Ray Data passes around).
 
-    plan_windows (per record)  ->  decode_window (CPU task)  ->  LatentEncoder (VAE actor)
-      ->  TextEncoder (text encoder actor, batched)  ->  the driver groups rows into shards
+    plan_windows (per record)  ->  decode_window (CPU task)  ->  AudioEncoder (the family's audio
+      encoder, an actor)  ->  TextEncoder (its text encoders, an actor, batched)  ->  the driver
+      groups rows into shards
+
+The model is the family's (``families``): these stages hold a ``FamilyModel`` and its schema and
+know no tensor names.
 
 A row that fails a stage is marked ``status = "rejected"`` with its stage and reason and passes the
 later stages untouched, so one bad file never fails the job or a block of good ones. A stage that
@@ -11,7 +15,6 @@ only the row at fault is rejected.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -23,6 +26,7 @@ import numpy as np
 from .audio import AudioError, decode_window, probe_audio
 from .config import PrepConfig
 from .records import Record
+from .shards import file_sha256
 
 OK, REJECTED = "ok", "rejected"
 # Audio may end this much before its header says without counting as truncated (codec priming and
@@ -34,7 +38,7 @@ TRUNCATION_TOLERANCE = 0.25
 ROW_DEFAULTS: dict[str, Any] = {
     "status": OK, "stage": "", "reason": "", "warnings": "[]", "key": "", "window": 0, "sha256": "",
     "offset": 0.0, "length": 0.0, "duration": 0.0, "wave": b"", "wave_samples": 0,
-    "latent_mean": b"", "latent_std": b"", "frames": 0, "latent_dim": 0, "tensors": b"", "meta": "",
+    "audio_tensors": b"", "tensors": b"", "meta": "",
     # the source's duration as its container states it; 0 when it states none or FFmpeg guessed it
     "header_duration": 0.0,
     # a rejection that condemns the whole input, not just this window (a truncated file)
@@ -52,12 +56,11 @@ def _warn(row: dict, stage: str, *messages: str) -> dict:
     return {**row, "warnings": json.dumps(notes)}
 
 
-def file_sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
+def source_sha256(path: str) -> str:
+    import fsspec
+
+    fs, local = fsspec.core.url_to_fs(path)
+    return file_sha256(fs, local)[0]
 
 
 def window_offsets(duration: float, config: PrepConfig, key: str) -> tuple[list[tuple[float, float]], list[str]]:
@@ -108,7 +111,7 @@ def _plan_windows(base: dict, config: PrepConfig) -> list[dict]:
             return [_reject(base, "probe", f"too short: {info.duration:.2f} s < minimum {config.min_duration:.2f} s")]
         windows, notes = window_offsets(info.duration, config, record.key)
     base = _warn(base, "plan", *notes)
-    base["sha256"] = file_sha256(record.audio)
+    base["sha256"] = source_sha256(record.audio)
     rows = []
     for index, (offset, length) in enumerate(windows):
         key = record.key if len(windows) == 1 else f"{record.key}__seg{index:03d}"
@@ -146,48 +149,47 @@ def decode_row(row: dict, config: PrepConfig, sample_rate: int) -> dict:
     return {**row, "wave": window.wave.tobytes(), "wave_samples": window.wave.shape[1], "duration": window.duration}
 
 
-class LatentEncoder:
-    """Ray actor: VAE posterior mean/std of each decoded window, one window per call (no padding,
-    so the result does not depend on other windows)."""
+def _load_model(family_name: str, model: str, purpose: str, device: str | None):
+    import torch
 
-    def __init__(self, model: str, device: str | None = None):
-        import torch
+    from .families import get
 
-        from .families.ace_step_15 import AceStep15
+    family = get(family_name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return family, family.load(family.describe(model), purpose, dtype=dtype, device=device)
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.family = AceStep15.load(model, ("vae",), dtype=dtype, device=device)
-        self.family.components.vae.enable_tiling()  # bounded memory on long windows
+
+class AudioEncoder:
+    """Ray actor: the family's audio tensors of each decoded window, one window per call (no
+    padding, so the result does not depend on other windows), as a safetensors blob in the row."""
+
+    def __init__(self, family: str, model: str, device: str | None = None):
+        self.family, self.model = _load_model(family, model, "encode-audio", device)
 
     def __call__(self, row: dict) -> dict:
         if row["status"] != OK:
             return row
         import torch
+        from safetensors.torch import save as save_safetensors
 
         try:
             wave = np.frombuffer(row["wave"], dtype=np.float32).reshape(2, row["wave_samples"])
-            stats = self.family.encode_audio(torch.from_numpy(wave.copy()))
+            tensors = self.model.encode_audio(torch.from_numpy(wave.copy()))
+            blob = save_safetensors({name: value.detach().float().cpu().contiguous() if value.is_floating_point()
+                                     else value.detach().cpu().contiguous() for name, value in tensors.items()})
         except Exception as error:
             return _reject({**row, "wave": b""}, "encode_audio", f"{type(error).__name__}: {error}")
-        return {
-            **row, "wave": b"", "latent_mean": stats.mean.numpy().tobytes(), "latent_std": stats.std.numpy().tobytes(),
-            "frames": int(stats.mean.shape[0]), "latent_dim": int(stats.mean.shape[1]),
-        }
+        return {**row, "wave": b"", "audio_tensors": blob}
 
 
 class TextEncoder:
-    """Ray actor: text states and lyric ids of a batch of windows (right padding, no attention mask:
-    each row's real tokens are what it gives alone), packed with the latents into the sample blob."""
+    """Ray actor: the family's text tensors of a batch of windows (each row as it would be alone),
+    packed with the audio tensors into the sample blob of the family's schema, and the sample's meta."""
 
-    def __init__(self, model: str, config: PrepConfig, device: str | None = None):
-        import torch
-
-        from .families.ace_step_15 import AceStep15
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.family = AceStep15.load(model, ("text_encoder", "tokenizer"), dtype=dtype, device=device)
+    def __init__(self, family: str, model: str, config: PrepConfig, options: dict, device: str | None = None):
+        self.family, self.model = _load_model(family, model, "encode-text", device)
+        self.options = self.family.prep_options.model_validate(options)
         self.config = config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -201,7 +203,7 @@ class TextEncoder:
             encoded = self._encode(batch, live)
         except Exception:
             # One bad row must not cost the rows batched with it: each alone, so only it is rejected.
-            # (A row's states do not depend on its batch: encode_text never pads.)
+            # (A row's tensors do not depend on its batch: encode_text never pads.)
             encoded = []
             for i in live:
                 try:
@@ -212,44 +214,38 @@ class TextEncoder:
             blobs[i], metas[i] = blob, meta
         empty = np.array([b""] * n, dtype=object)
         return {**batch, "status": status, "stage": stage, "reason": reason, "tensors": blobs, "meta": metas,
-                "latent_mean": empty, "latent_std": empty}
+                "audio_tensors": empty}
 
     def _encode(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[tuple[int, bytes, str]]:
         """(row, sample blob, meta JSON) of the given rows of ``batch``, encoded together."""
-        import torch
-
-        from .shards import pack_tensors
+        from safetensors.torch import load as load_safetensors
 
         if not rows:
             return []
+        schema = self.family.schema
         records = [
             Record.from_dict(json.loads(batch["record"][i])).with_(duration=float(batch["duration"][i])) for i in rows
         ]
+        texts = self.model.encode_text(records, self.options)
         # alternative captions (e.g. upstream recaptions) are encoded too: training samples one per epoch
         alternatives = [(slot, record.with_(caption=alt)) for slot, record in enumerate(records) for alt in record.alt_captions]
-        states = self.family.encode_text(records, self.config.text_max_tokens)
-        lyric_ids = self.family.tokenize_lyrics(records, self.config.lyric_max_tokens)
-        alt_states: list[list] = [[] for _ in records]
+        alt_texts: list[list[dict]] = [[] for _ in records]
         if alternatives:
-            encoded = self.family.encode_text([r for _, r in alternatives], self.config.text_max_tokens)
-            for (slot, _), alt in zip(alternatives, encoded):
-                alt_states[slot].append(alt)
+            for (slot, _), encoded in zip(alternatives, self.model.encode_text([r for _, r in alternatives], self.options)):
+                alt_texts[slot].append(encoded)
         results = []
         for slot, i in enumerate(rows):
-            frames, dim = int(batch["frames"][i]), int(batch["latent_dim"][i])
-            mean = torch.from_numpy(np.frombuffer(batch["latent_mean"][i], np.float32).reshape(frames, dim).copy())
-            std = torch.from_numpy(np.frombuffer(batch["latent_std"][i], np.float32).reshape(frames, dim).copy())
             record = records[slot]
-            meta = json.dumps({
+            sample = {**load_safetensors(bytes(batch["audio_tensors"][i])), **texts[slot]}
+            meta = {
                 "caption": record.caption, "lyrics": record.lyrics, "bpm": record.bpm, "keyscale": record.keyscale,
                 "timesignature": record.timesignature, "language": record.language,
                 "duration": round(float(batch["duration"][i]), 4), "source": record.audio,
                 "sha256": str(batch["sha256"][i]), "offset": float(batch["offset"][i]), "crop": self.config.crop,
-                "alt_captions": list(record.alt_captions), "repeat": record.repeat, "frames": frames,
-                "text_tokens": int(states[slot].shape[0]), "lyric_tokens": int(lyric_ids[slot].shape[0]),
-                "alt_text_tokens": [int(alt.shape[0]) for alt in alt_states[slot]],
-            }, ensure_ascii=False)
-            results.append((i, pack_tensors(mean, std, states[slot], lyric_ids[slot], alt_states[slot]), meta))
+                "alt_captions": list(record.alt_captions), "repeat": record.repeat,
+                **schema.lengths_of(sample, alt_texts[slot]), **schema.identity(),
+            }
+            results.append((i, schema.pack(sample, alt_texts[slot]), json.dumps(meta, ensure_ascii=False)))
         return results
 
 

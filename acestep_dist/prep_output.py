@@ -237,6 +237,23 @@ class OutputFolder:
         if others:
             self.log(f"prep: leaving alone {len(others)} file(s) in {self.out} that prep did not write: {_sample(others)}")
 
+    def check_family(self, identity: dict[str, Any], overwrite: bool) -> None:
+        """One output holds one family's samples, of one schema version: refuse another's, unless
+        it is to be replaced."""
+        if self.state is None or overwrite:
+            return
+        from .families import LEGACY_FAMILY, LEGACY_SCHEMA_VERSION
+
+        family = self.state.get("family", LEGACY_FAMILY)
+        version = self.state.get("schema_version", LEGACY_SCHEMA_VERSION)
+        if family != identity["family"]:
+            raise UserError(f"{self.out} holds samples of the model family {family}, this model is "
+                            f"{identity['family']}: one output holds one family; choose a new --out, or pass "
+                            f"--overwrite to replace them")
+        if version != identity["schema_version"]:
+            raise UserError(f"{self.out} holds {family} samples of schema version {version}, this acedist writes "
+                            f"version {identity['schema_version']}; pass --overwrite to rewrite them")
+
     def check_fingerprint(self, fingerprint: str, overwrite: bool) -> None:
         """Refuse output made with another model or prep config, unless it is to be replaced."""
         previous = self.state.get("fingerprint") if self.state is not None else None

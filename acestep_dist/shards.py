@@ -1,9 +1,11 @@
-"""Shards: the sample schema, the atomic writer, the reader and verification.
+"""Shards: the atomic writer, the one tar reader, and verification against a family's schema.
 
-A sample is ``__key__`` + ``meta.json`` + ``tensors.safetensors`` (``latent_mean``, ``latent_std``
-``[T, C]`` bf16; ``text_states`` ``[L, D]`` bf16, unpadded; ``lyric_ids`` ``[N]`` int32; and
-``alt_text_states_{i}`` for each alternative caption, sampled at training time) in a plain
-WebDataset tar. No pickles. A shard is written as ``.tar.tmp`` and renamed into place when complete;
+A sample is ``__key__`` + ``meta.json`` + ``tensors.safetensors`` in a plain WebDataset tar. No
+pickles. The tensors are those of the model family's ``SampleSchema`` (``families/base.py``: names,
+dtypes, length axes; e.g. ACE-Step 1.5 stores ``latent_mean`` / ``latent_std`` ``[T, C]`` bf16,
+``text_states`` ``[L, D]`` bf16, ``lyric_ids`` int32, and ``alt_text_states_{i}`` per alternative
+caption); the meta holds the record's texts, the lengths the schema measures (``frames``, ...), and
+the family and schema version, which markers and the prep state repeat. A shard is written as ``.tar.tmp`` and renamed into place when complete;
 its marker ``shard-NNNNNN.json`` (sha256, bytes, members, rejections, warnings) is renamed into place
 after it, so a shard with a marker is finished, and anything else is redone on a rerun.
 """
@@ -17,17 +19,17 @@ import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+
+if TYPE_CHECKING:
+    from .families.base import SampleSchema
 
 TENSOR_FIELD = "tensors.safetensors"
 META_FIELD = "meta.json"
-TENSOR_DTYPES = {"latent_mean": torch.bfloat16, "latent_std": torch.bfloat16, "text_states": torch.bfloat16,
-                 "lyric_ids": torch.int32}
 # Fixed tar mtime: a rerun writes byte-identical shards from identical samples.
 _MTIME = 0
 
@@ -49,36 +51,29 @@ class ShardFormatError(ValueError):
     """A shard member that cannot be what it claims to be; the message names the sample."""
 
 
-ALT_TEXT_PREFIX = "alt_text_states_"
-
-
-def _dtype(name: str) -> torch.dtype:
-    return torch.bfloat16 if name.startswith(ALT_TEXT_PREFIX) else TENSOR_DTYPES[name]
-
-
-def pack_tensors(latent_mean: torch.Tensor, latent_std: torch.Tensor, text_states: torch.Tensor,
-                 lyric_ids: torch.Tensor, alt_text_states: Sequence[torch.Tensor] = ()) -> bytes:
-    tensors = {"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states, "lyric_ids": lyric_ids}
-    tensors.update({f"{ALT_TEXT_PREFIX}{i}": states for i, states in enumerate(alt_text_states)})
-    return save_safetensors({k: v.detach().to("cpu", _dtype(k)).contiguous() for k, v in tensors.items()})
-
-
 def unpack_tensors(blob: bytes) -> dict[str, torch.Tensor]:
     return load_safetensors(blob)
+
+
+def length_fields(schema: "SampleSchema") -> list[str]:
+    """The meta fields of a sample that hold lengths: the schema's counts and their alternatives'."""
+    from .families.base import alt_count
+
+    return [*schema.counts, *(alt_count(count) for count in schema.caption_counts)]
 
 
 @dataclass
 class EncodedSample:
     key: str
     meta: dict[str, Any]
-    tensors: bytes  # pack_tensors(...)
+    tensors: bytes  # SampleSchema.pack(...)
 
-    def summary(self, shard: str) -> dict[str, Any]:
-        """The manifest row of this sample."""
-        return {"key": self.key, "shard": shard, "duration": self.meta["duration"], "frames": self.meta["frames"],
-                "text_tokens": self.meta["text_tokens"], "lyric_tokens": self.meta["lyric_tokens"],
-                "source": self.meta["source"], "offset": self.meta["offset"], "repeat": self.meta.get("repeat", 1),
-                "alt_text_tokens": self.meta.get("alt_text_tokens", [])}
+    def summary(self, shard: str, schema: "SampleSchema") -> dict[str, Any]:
+        """The manifest row of this sample: where it is, and every length its schema measures."""
+        row = {"key": self.key, "shard": shard, "duration": self.meta["duration"], "source": self.meta["source"],
+               "offset": self.meta["offset"], "repeat": self.meta.get("repeat", 1)}
+        row.update({name: self.meta[name] for name in length_fields(schema) if name in self.meta})
+        return row
 
 
 @dataclass
@@ -91,6 +86,8 @@ class ShardMarker:
     warnings: list[dict[str, str]] = field(default_factory=list)
     fingerprint: str = ""
     plan: str = ""  # hash of the records planned into this shard
+    family: str | None = None  # None: written before families were recorded (ACE-Step 1.5, schema 1)
+    schema_version: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(vars(self), indent=1, ensure_ascii=False) + "\n"
@@ -134,7 +131,7 @@ class _HashingWriter(io.RawIOBase):
 
 
 def write_shard(fs, root: str, index: int, samples: list[EncodedSample], rejected: list[dict], warnings: list[dict],
-                fingerprint: str, plan: str) -> ShardMarker:
+                fingerprint: str, plan: str, schema: "SampleSchema") -> ShardMarker:
     """Write shard ``index`` and then its marker, each by temporary file and rename."""
     import webdataset as wds
 
@@ -147,8 +144,9 @@ def write_shard(fs, root: str, index: int, samples: list[EncodedSample], rejecte
                 meta = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
                 writer.write({"__key__": sample.key, META_FIELD: meta, TENSOR_FIELD: sample.tensors})
     fs.mv(temporary, final)
-    marker = ShardMarker(index, hashing.sha.hexdigest(), hashing.size, [s.summary(shard_name(index)) for s in samples],
-                         rejected, warnings, fingerprint, plan)
+    marker = ShardMarker(index, hashing.sha.hexdigest(), hashing.size,
+                         [s.summary(shard_name(index), schema) for s in samples], rejected, warnings, fingerprint, plan,
+                         schema.family, schema.version)
     marker_path = f"{root}/{marker_name(index)}"
     with fs.open(marker_path + ".tmp", "w") as f:
         f.write(marker.to_json())
@@ -177,14 +175,24 @@ def _safe_member(name: str) -> tuple[str, str]:
     return str(path.parent / stem) if str(path.parent) != "." else stem, field_name
 
 
+def iter_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, field, member) of every member of an open shard, checked: regular files with safe names
+    only. Verification streams members this way; the training index reads their offsets."""
+    for member in tar:
+        if not member.isfile():
+            raise ShardFormatError(f"unexpected member {member.name!r} (not a regular file)")
+        try:
+            key, field_name = _safe_member(member.name)
+        except ValueError as error:
+            raise ShardFormatError(str(error)) from None
+        yield key, field_name, member
+
+
 def iter_samples(fileobj) -> Iterator[dict[str, Any]]:
     """Samples of a shard as dicts: ``key``, ``meta``, and the tensors. Raises on a malformed shard."""
     current: dict[str, Any] = {}
     with tarfile.open(fileobj=fileobj, mode="r|", bufsize=1 << 20) as tar:  # big reads: parsing at disk speed
-        for member in tar:
-            if not member.isfile():
-                raise ValueError(f"unexpected member {member.name!r} (not a regular file)")
-            key, field_name = _safe_member(member.name)
+        for key, field_name, member in iter_members(tar):
             data = tar.extractfile(member).read()
             if current and current["key"] != key:
                 yield _finish(current)
@@ -264,9 +272,9 @@ class ShardCheck:
     samples: list[dict[str, Any]]  # key, meta and tensor shapes of each readable sample
 
 
-def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
-    """Checksum, member count, unique keys and tensor shapes of one shard against its marker, in one
-    read of the shard."""
+def verify_shard(fs, root: str, marker: ShardMarker, schema: "SampleSchema") -> ShardCheck:
+    """Checksum, member count, unique keys and tensors (the schema's names, dtypes and the marker's
+    lengths) of one shard against its marker, in one read of the shard."""
     name = shard_name(marker.index)
     path = f"{root}/{name}"
     if not fs.exists(path):
@@ -289,19 +297,13 @@ def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
                 if row is None:
                     problems.append(f"sample {key!r} is not in the manifest")
                     continue
-                shapes = {k: tuple(sample[k].shape) for k in TENSOR_DTYPES if k in sample}
-                want = {"latent_mean": row["frames"], "latent_std": row["frames"], "text_states": row["text_tokens"],
-                        "lyric_ids": row["lyric_tokens"]}
-                want.update({f"{ALT_TEXT_PREFIX}{i}": n for i, n in enumerate(row.get("alt_text_tokens", []))})
-                for tensor, length in want.items():
-                    if tensor not in sample:
-                        problems.append(f"sample {key!r} lacks tensor {tensor}")
-                    elif sample[tensor].shape[0] != length or sample[tensor].dtype != _dtype(tensor):
-                        problems.append(f"sample {key!r}: {tensor} is {list(sample[tensor].shape)} "
-                                        f"{sample[tensor].dtype}, manifest says {length} rows of {_dtype(tensor)}")
-                if "latent_mean" in sample and "latent_std" in sample and sample["latent_mean"].shape != sample["latent_std"].shape:
-                    problems.append(f"sample {key!r}: latent mean and std shapes differ")
-                seen.append({"key": key, "meta": sample["meta"], "shapes": shapes})
+                tensors = {name: value for name, value in sample.items() if name not in ("key", "meta")}
+                try:
+                    problems += [f"sample {key!r}: {problem}" for problem in schema.problems(tensors, row)]
+                except (KeyError, TypeError, ValueError) as error:  # a marker row without a length the schema needs
+                    problems.append(f"sample {key!r}: its marker row lacks a length ({error})")
+                seen.append({"key": key, "meta": sample["meta"],
+                             "shapes": {name: tuple(value.shape) for name, value in tensors.items()}})
         except ShardFormatError as error:
             read_error = f"cannot read: {error}"
         except Exception as error:  # corruption shows up as any of tarfile, safetensors, JSON or UTF-8 errors
@@ -317,3 +319,17 @@ def verify_shard(fs, root: str, marker: ShardMarker) -> ShardCheck:
     if missing and not read_error:
         problems.append(f"{len(missing)} manifest samples missing from the shard (e.g. {sorted(missing)[0]!r})")
     return ShardCheck(name, problems, seen)
+
+
+def marker_schema(marker: ShardMarker, where: str) -> "SampleSchema":
+    """The schema a shard was written with, from its marker (markers from before families were
+    recorded are ACE-Step 1.5's schema 1). A schema version the family no longer writes is refused."""
+    from .errors import UserError
+    from .families import LEGACY_FAMILY, LEGACY_SCHEMA_VERSION, get
+
+    family = get(marker.family or LEGACY_FAMILY)
+    version = marker.schema_version or LEGACY_SCHEMA_VERSION
+    if version != family.schema.version:
+        raise UserError(f"{where} holds {family.name} samples of schema version {version}; this acedist reads "
+                        f"version {family.schema.version}: rerun `acedist prep` with --overwrite to rewrite them")
+    return family.schema

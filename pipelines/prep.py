@@ -1,7 +1,9 @@
 """`acedist prep` as a Ray program: any music dataset -> verified WebDataset shards.
 
 Runs on an embedded local Ray cluster by default, on a running cluster with ``--address``, and
-as a job: ``ray job submit --working-dir . -- python -m pipelines.prep SOURCE --model M --out DIR``.
+as a job: ``ray job submit --working-dir . -- acedist prep SOURCE --model M --out DIR``. The model's
+family (``acestep_dist.families``) encodes the audio and texts and declares the sample schema;
+this program knows no family.
 
 Shard membership is fixed by the sorted input order, so a rerun plans the same shards; finished
 shards (tar + marker, sha256 verified, same plan) are kept and the rest are redone. The driver
@@ -16,23 +18,22 @@ written, else rejected with one reason; a dropped window of an accepted input is
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from acestep_dist.audio import probe_audio
-from acestep_dist.config import PrepConfig, load_config
-from acestep_dist.errors import UserError
-from acestep_dist.families.ace_step_15.loading import model_dimensions, model_fingerprint, resolve_checkpoint
+from acestep_dist import faults
+from acestep_dist.config import PrepConfig, family_options
+from acestep_dist.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL
+from acestep_dist.families import Family, ModelDescription, open_model, plugin_env
 from acestep_dist.paths import local_or_hub, local_path
-from acestep_dist.prep import OK, LatentEncoder, TextEncoder, decode_row, plan_windows, window_offsets
+from acestep_dist.prep import OK, AudioEncoder, TextEncoder, decode_row, plan_windows, window_offsets
 from acestep_dist.prep_output import SOURCE_AUDIO_DIR, OutputFolder, OutputLock
 from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
@@ -40,13 +41,10 @@ from acestep_dist.shards import EncodedSample, ShardMarker, file_sha256, marker_
 from acestep_dist.sources import SourceListing, load_source
 from acestep_dist.storage import open_fs
 
-EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 3
-FORMAT_VERSION = 2  # 2: markers reject and warn per input (with its key)
+FORMAT_VERSION = 3  # 2: markers reject and warn per input (with its key); 3: family and schema recorded
 SUMMARY_FILES = ("manifest.jsonl", "errors.jsonl", "warnings.jsonl")
 # config keys that change only how fast prep runs, not what it writes
 _RUNTIME_KEYS = {"decode_workers", "encoder_actors", "encode_batch_size"}
-# a sample's text states are ~200 tokens: budget for them when planning shard sizes
-_TEXT_TOKENS_ESTIMATE = 200
 DECODE_TASK_MEMORY = 512 * 1024**2
 
 
@@ -56,18 +54,16 @@ class PrepResult:
     exit_code: int
 
 
-def _fingerprint(model_id: str, config: PrepConfig) -> str:
+def _fingerprint(family: Family, description: ModelDescription, config: PrepConfig, options) -> str:
     settings = {k: v for k, v in config.model_dump().items() if k not in _RUNTIME_KEYS}
-    blob = json.dumps({"format": FORMAT_VERSION, "model": model_id, "config": settings}, sort_keys=True)
+    blob = json.dumps({"format": FORMAT_VERSION, **family.schema.identity(), "model": description.fingerprint,
+                       "config": settings, "family_options": options.model_dump()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _records_per_shard(config: PrepConfig, dims) -> int:
-    bytes_per_record = (
-        2 * 2 * dims.latent_dim * dims.frames_per_second * config.max_duration  # mean + std, bf16
-        + 2 * dims.text_dim * _TEXT_TOKENS_ESTIMATE
-    )
-    return max(1, int(config.shard_size_mb * 1e6 // bytes_per_record))
+def _records_per_shard(config: PrepConfig, family: Family, description: ModelDescription) -> int:
+    bytes_per_record = family.sample_bytes(description, config.max_duration)
+    return max(1, int(config.shard_size_mb * 1e6 // max(bytes_per_record, 1.0)))
 
 
 def _windows_per_record(records: Sequence[Record], config: PrepConfig) -> list[int]:
@@ -168,7 +164,7 @@ def _plan_resources(config: PrepConfig) -> Resources:
     return Resources(vae_actors, text_actors, 0.0, cpu_actor, cpu_task)
 
 
-def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate: int):
+def _build_dataset(rows: list[dict], family: str, model: str, config: PrepConfig, options: dict, sample_rate: int):
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -182,9 +178,10 @@ def _build_dataset(rows: list[dict], model: str, config: PrepConfig, sample_rate
     # one file at a time.
     ds = ds.map(decode_row, fn_kwargs={"config": config, "sample_rate": sample_rate}, num_cpus=plan.cpus_per_task,
                 memory=DECODE_TASK_MEMORY, **({"concurrency": config.decode_workers} if config.decode_workers else {}))
-    ds = ds.map(LatentEncoder, fn_constructor_kwargs={"model": model}, compute=ActorPoolStrategy(size=plan.vae_actors),
-                num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor)
-    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model": model, "config": config},
+    ds = ds.map(AudioEncoder, fn_constructor_kwargs={"family": family, "model": model},
+                compute=ActorPoolStrategy(size=plan.vae_actors), num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor)
+    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"family": family, "model": model, "config": config,
+                                                            "options": options},
                         batch_size=config.encode_batch_size, compute=ActorPoolStrategy(size=plan.text_actors),
                         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor)
     return ds
@@ -243,9 +240,10 @@ def run_prep(
     with OutputLock(fs, root, out):
         output = OutputFolder(fs, root, out, log)
         output.check_ownership(overwrite)  # before anything is written there
-        folder, layout = resolve_checkpoint(model)
-        dims = model_dimensions(folder, layout)
-        fingerprint = _fingerprint(model_fingerprint(folder, layout), config)
+        family, description = open_model(model)
+        options = family_options(config, family)
+        fingerprint = _fingerprint(family, description, config, options)
+        output.check_family(family.schema.identity(), overwrite)
         output.check_fingerprint(fingerprint, overwrite)
         if isinstance(source, SourceListing):
             listing, described = source, f"{len(source.records)} records given in Python"
@@ -253,13 +251,33 @@ def run_prep(
             cache_dir = Path(out) / SOURCE_AUDIO_DIR if "://" not in out else None
             listing, described = load_source(source, config, source_type, cache_dir=cache_dir), str(source)
         # only now, with the source readable, is earlier output of another fingerprint removed
-        output.start(fingerprint, overwrite, {"model": model, "source": described, "config": config.model_dump()})
-        return _prepare(listing, fs, root, out, output, folder, model, dims, fingerprint, config, address, started, log)
+        output.start(fingerprint, overwrite, {"model": model, "source": described, "config": config.model_dump(),
+                                              **family.schema.identity()})
+        job = _Job(family, description, model, options.model_dump(), fingerprint, config)
+        return _prepare(listing, fs, root, out, output, job, address, started, log)
 
 
-def _prepare(listing, fs, root, out, output: OutputFolder, folder, model, dims, fingerprint, config, address,
-             started, log) -> PrepResult:
-    shards = _pack_shards(listing.records, config, _records_per_shard(config, dims))
+@dataclass(frozen=True)
+class _Job:
+    """What every stage of one prep run shares."""
+
+    family: Family
+    description: ModelDescription
+    model: str  # as the user gave it, made absolute if a path
+    options: dict  # the family's own settings, validated
+    fingerprint: str
+    config: PrepConfig
+
+    @property
+    def model_ref(self) -> str:
+        """What the actors load: the resolved folder (shared storage on a cluster), or the hub id
+        as given, so each node fills its own cache."""
+        return self.description.source if os.path.isabs(self.model) else self.model
+
+
+def _prepare(listing, fs, root, out, output: OutputFolder, job: _Job, address, started, log) -> PrepResult:
+    config, fingerprint = job.config, job.fingerprint
+    shards = _pack_shards(listing.records, config, _records_per_shard(config, job.family, job.description))
     plans = [_plan_hash(members) for members in shards]
     output.remove_leftovers(len(shards))
     markers: dict[int, ShardMarker] = {}
@@ -280,21 +298,16 @@ def _prepare(listing, fs, root, out, output: OutputFolder, folder, model, dims, 
             {"shard": index, "index": position, "record": json.dumps(record.to_dict(), ensure_ascii=False)}
             for index in todo for position, record in enumerate(shards[index])
         ]
-        started_ray = init_ray(address)
+        started_ray = init_ray(address, worker_env=plugin_env())
         try:
-            # a hub id is passed on as is: each worker node fills its own cache; a path must be shared storage
-            model_ref = str(folder) if os.path.isabs(model) else model
-            dataset = _build_dataset(rows, model_ref, config, dims.sample_rate)
+            dataset = _build_dataset(rows, job.family.name, job.model_ref, config, job.options,
+                                     job.description.sample_rate)
             pending: dict[int, list[dict]] = {}
             expected = {index: len(shards[index]) for index in todo}
             seen_inputs: dict[int, set] = {index: set() for index in todo}
 
-            # Test hook: hang before writing this many-th shard, so a test can SIGKILL the driver at a known point.
-            stall_at = int(os.environ.get("ACEDIST_PREP_STALL_AFTER_SHARDS", "-1"))
-
             def flush(index: int) -> None:
-                if len(markers) == stall_at:
-                    time.sleep(3600)
+                faults.point("prep.before_shard", shards_written=len(markers))
                 by_input: dict[int, list[dict]] = {}
                 for row in sorted(pending.pop(index, []), key=lambda r: (r["index"], r["window"])):
                     by_input.setdefault(int(row["index"]), []).append(row)
@@ -304,7 +317,8 @@ def _prepare(listing, fs, root, out, output: OutputFolder, folder, model, dims, 
                     samples += written
                     rejected += bad
                     warnings += notes
-                marker = write_shard(fs, root, index, samples, rejected, warnings, fingerprint, plans[index])
+                marker = write_shard(fs, root, index, samples, rejected, warnings, fingerprint, plans[index],
+                                     job.family.schema)
                 markers[index] = marker
                 log(f"prep: wrote {shard_name(index)} ({len(samples)} samples, {marker.bytes / 1e6:.1f} MB)")
 
@@ -324,11 +338,10 @@ def _prepare(listing, fs, root, out, output: OutputFolder, folder, model, dims, 
 
                 ray.shutdown()
 
-    return _finish(fs, root, out, output, listing, shards, markers, fingerprint, model, config, started, log)
+    return _finish(fs, root, out, listing, shards, markers, job, started, log)
 
 
-def _finish(fs, root, out, output: OutputFolder, listing, shards, markers, fingerprint, model, config, started,
-            log) -> PrepResult:
+def _finish(fs, root, out, listing, shards, markers, job: _Job, started, log) -> PrepResult:
     manifest, rejected, warnings = [], [p.to_dict() for p in listing.rejected], [p.to_dict() for p in listing.warnings]
     total_bytes = 0
     for index in range(len(shards)):
@@ -353,9 +366,10 @@ def _finish(fs, root, out, output: OutputFolder, listing, shards, markers, finge
         "audio_seconds": round(sum(row["duration"] for row in manifest), 3),
         "bytes": total_bytes,
         "wall_seconds": round(time.time() - started, 2),
-        "fingerprint": fingerprint,
-        "model": model,
-        "config": config.model_dump(),
+        "fingerprint": job.fingerprint,
+        "model": job.model,
+        **job.family.schema.identity(),
+        "config": {**job.config.model_dump(), **job.options},
     }
     with fs.open(f"{root}/prep_report.json", "w") as f:
         json.dump(report, f, indent=1)
@@ -382,32 +396,3 @@ def _warned_inputs(listing: SourceListing, warnings: list[dict]) -> int:
         else:
             warned.add(("input", row["input"]))
     return len(warned)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.prep", description=__doc__.splitlines()[0])
-    parser.add_argument("source")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--address")
-    parser.add_argument("--config")
-    parser.add_argument("--source-type")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="key=value settings")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        config = load_config(PrepConfig, args.config, args.overrides)
-        result = run_prep(args.source, args.model, args.out, config, address=args.address,
-                          source_type=args.source_type, overwrite=args.overwrite)
-    except UserError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return EXIT_FATAL
-    return result.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,32 +1,29 @@
 """Fine-tune an ACE-Step model on `acedist prep` shards with Ray Train + DeepSpeed.
 
-Runs as ``acedist train`` or as a program of its own (``python -m pipelines.train``, e.g. under
-``ray job submit``). Each worker runs ``acestep_dist.train.loop.train_worker``; checkpoints go to
-RUN through Ray Train (local path or any URL Ray's storage understands), the final weights to
-RUN/final.
+Runs as ``acedist train`` (on a cluster: ``ray job submit -- acedist train ...``). Each worker
+runs ``acestep_dist.train.loop.train_worker``; checkpoints go to RUN through Ray Train (local path
+or any URL Ray's storage understands), the final weights to RUN/final. The model's family
+(``acestep_dist.families``) builds what trains and its loss; the shards must be that family's.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from acestep_dist.config import TrainConfig, load_config
+from acestep_dist import faults
+from acestep_dist.config import TrainConfig, family_options
 from acestep_dist.errors import UserError
-from acestep_dist.families.ace_step_15.loading import load_components
+from acestep_dist.families import open_model, plugin_env
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.storage import open_fs, ray_train_storage
 from acestep_dist.train.checkpoints import choose_resume_checkpoint, list_checkpoints, missing_weights
-from acestep_dist.train.data import EpochPlan, index_shards, verify_training_shards
-from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
+from acestep_dist.train.data import EpochPlan, open_training_data, verify_training_shards
+from acestep_dist.train.layout import FINAL_DIR, STATE_FILE, weight_files
 from acestep_dist.train.loop import train_worker
-from acestep_dist.train.model import check_init_lora, training_recipe
 
 
 @dataclass
@@ -67,7 +64,7 @@ def _publish_final(fs, final: str, checkpoint: str) -> dict:
             raise UserError(f"{final} exists and was not written by acedist (no {STATE_FILE}); move it away")
         fs.rm(final, recursive=True)
     fs.makedirs(final, exist_ok=True)
-    for item in (LORA_FILE, TRANSFORMER_DIR, LYRIC_ENCODER_FILE, STATE_FILE):
+    for item in (*weight_files(state), STATE_FILE):
         source = folder / item
         if source.exists():
             fs.put(str(source), f"{final}/{item}", recursive=source.is_dir())
@@ -102,12 +99,13 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    # settings users and tests give the driver, which remote nodes' workers would not inherit
+    # settings users give the driver, which remote nodes' workers would not inherit
     for name, value in os.environ.items():
         # (AWS_*: an S3 endpoint and credentials for reading --data and writing samples/ and tb/)
-        if name.startswith(("ACEDIST_", "GLOO_", "NCCL_", "HF_", "AWS_")) or name in ("PYTHONPATH",):
+        if name.startswith(("GLOO_", "NCCL_", "HF_", "AWS_")) or name in ("PYTHONPATH",):
             env[name] = value
-    return env
+    # ours, each on purpose: the families to register, and a test's fault injection
+    return {**env, **plugin_env(), **faults.environment()}
 
 
 def resolve_config_paths(config: TrainConfig) -> TrainConfig:
@@ -143,15 +141,19 @@ def run_train(
     data, output, model = local_path(data), local_path(output), local_or_hub(model)
     config = resolve_config_paths(config)
     # everything that can be checked here is, before any worker starts: errors name the file
-    described = load_components(model, parts=())  # configs only, no weights (a hub id resolves once here)
-    check_init_lora(config, described)
-    recipe = training_recipe(described.variant, config)
-    refs = index_shards(data)
-    verify_training_shards(data, sorted({ref.shard.rsplit("/", 1)[-1] for ref in refs}), log=log)
+    family, description = open_model(model)  # configs only, no weights (a hub id resolves once here)
+    options = family_options(config, family)
+    recipe = family.check_training(description, config, options)
+    training = open_training_data(data)
+    if training.family != family.name:
+        raise UserError(f"{data} holds samples of the model family {training.family}, the model is {family.name}; "
+                        f"prepare the data with this model (acedist prep --model {model})")
+    verify_training_shards(data, training, log=log)
+    refs = training.refs
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
     # a hub id stays a hub id: each node fills its own cache; a folder must be on storage every node reaches
-    model_ref = described.source if os.path.isabs(model) else model
+    model_ref = description.source if os.path.isabs(model) else model
     fs, root = open_fs(output)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     storage, name, storage_filesystem = ray_train_storage(output)
@@ -166,9 +168,11 @@ def run_train(
         resume_from = chosen.path if local else f"{protocol}://{chosen.path}"
     fs.makedirs(root, exist_ok=True)
     total = config.max_train_steps or config.num_train_epochs * plan.steps_per_epoch
-    log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}; {recipe.describe()}")
+    log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}; {family.name} "
+        f"{description.variant}; {recipe}")
 
-    job = {"config": config.model_dump(), "data": data, "model": model_ref, "run": output, "use_gpu": use_gpu,
+    job = {"config": config.model_dump(), "data": data, "model": model_ref, "family": family.name,
+           "family_options": options.model_dump(), "run": output, "use_gpu": use_gpu,
            "loader_workers": loader_workers, "resume_from": resume_from, "resume_filesystem": storage_filesystem,
            "earlier_checkpoints": [p.rstrip("/").rsplit("/", 1)[-1] for p in earlier]}
     started_ray = init_ray(address, dashboard=True)
@@ -206,35 +210,3 @@ def run_train(
     final_url = f"{output.rstrip('/')}/{FINAL_DIR}"  # with its scheme (s3://...), unlike the fs path
     log(f"train: done at step {state['step']}; weights in {final_url}")
     return TrainResult(output, final_url, int(state["step"]))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=0)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--address")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--loader-workers", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="key=value settings")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        config = load_config(TrainConfig, args.config, args.overrides)
-        run_train(config, args.data, args.model, args.output, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                  workers=args.workers, address=args.address, resume=args.resume, loader_workers=args.loader_workers)
-    except UserError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,10 +28,15 @@ def corpus() -> Path:
     return CORPUS
 
 
-def _tiny(tmp_path_factory, variant: str) -> Path:
-    from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
+def write_tiny(out: Path, variant: str = "turbo", **options) -> Path:
+    """A tiny ACE-Step 1.5 checkpoint, written by the family through the registry."""
+    from acestep_dist.families import get
 
-    return write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{variant}") / "model", variant=variant)
+    return get("ace-step-1.5").write_tiny(out, variant, **options)
+
+
+def _tiny(tmp_path_factory, variant: str) -> Path:
+    return write_tiny(tmp_path_factory.mktemp(f"tiny-{variant}") / "model", variant)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +57,7 @@ def tiny_xl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prep_model(tmp_path_factory) -> Path:
     """A tiny turbo checkpoint with a 4-channel VAE latent: the cheapest VAE, so corpus preps stay fast."""
-    from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("prep-model") / "model", variant="turbo", latent_dim=4)
+    return write_tiny(tmp_path_factory.mktemp("prep-model") / "model", "turbo", latent_dim=4)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,6 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
         (["lora_rank=abc"], "lora_rank"),
         (["zero_stage=5"], "zero_stage"),
         (["learning_rate=-1"], "learning_rate"),
-        (["lyrics_embedder_lr=1e-5"], "lyrics_embedder_train is false"),
         (["noequals"], "key=value"),
     ],
 )
@@ -70,3 +69,17 @@ def test_parse_overrides_reads_yaml_scalars():
     assert parse_overrides(["a=1", "b=0.5", "c=true", "d=hello world", "e=", "f=[1, 2]"]) == {
         "a": 1, "b": 0.5, "c": True, "d": "hello world", "e": None, "f": [1, 2]
     }
+
+
+def test_family_keys_are_accepted_while_reading_and_validated_by_their_family():
+    """lyrics_embedder_* are ACE-Step 1.5's keys: a config reads them, the family checks them."""
+    from acestep_dist.config import family_options
+    from acestep_dist.families import get
+
+    config = load_config(TrainConfig, None, ["lyrics_embedder_lr=1e-5"])
+    with pytest.raises(ConfigError, match="lyrics_embedder_train is false"):
+        family_options(config, get("ace-step-1.5"))
+    options = family_options(load_config(TrainConfig, None, ["lyrics_embedder_train=true"]), get("ace-step-1.5"))
+    assert options.lyrics_embedder_train and options.lyrics_embedder_lr is None
+    with pytest.raises(ConfigError, match=r"unknown key 'lyrics_embeder_train' \(did you mean 'lyrics_embedder_train'"):
+        load_config(TrainConfig, None, ["lyrics_embeder_train=true"])

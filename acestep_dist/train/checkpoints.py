@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from ..errors import UserError
 from ..shards import file_sha256
-from .layout import LORA_FILE, LYRIC_ENCODER_FILE, STATE_FILE, TRANSFORMER_DIR
+from .layout import STATE_FILE, weight_files
 
 FILES_PREFIX = "acedist_files.rank"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -47,17 +47,10 @@ def write_files_list(folder: Path, rank: int, world_size: int, step: int) -> Non
 
 def missing_weights(state: dict[str, Any], files: Iterable[str]) -> list[str]:
     """The trained weights a checkpoint or ``final/`` of this run should hold and does not, given
-    its files (paths relative to it)."""
+    its files (paths relative to it; a listed folder counts when it holds a file)."""
     files = set(files)
-    missing = []
-    if state.get("model_type") == "lora":
-        if LORA_FILE not in files:
-            missing.append(LORA_FILE)
-    elif not any(f.startswith(f"{TRANSFORMER_DIR}/") and f.endswith(".safetensors") for f in files):
-        missing.append(f"{TRANSFORMER_DIR}/ weights")
-    if (state.get("config") or {}).get("lyrics_embedder_train") and LYRIC_ENCODER_FILE not in files:
-        missing.append(LYRIC_ENCODER_FILE)
-    return missing
+    return [name for name in weight_files(state)
+            if name not in files and not any(f.startswith(f"{name}/") for f in files)]
 
 
 @dataclass

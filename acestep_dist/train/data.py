@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..shards import (ALT_TEXT_PREFIX, MANIFEST_FILE, META_FIELD, TENSOR_FIELD, ShardFormatError, ShardMarker,
-                      decode_meta, decode_tensors, duplicate_keys, read_manifest, verify_shard)
+from ..families.base import SampleSchema, alt_count
+from ..shards import (MANIFEST_FILE, TENSOR_FIELD, ShardFormatError, ShardMarker, decode_tensors, duplicate_keys,
+                      iter_members, marker_schema, read_manifest, verify_shard)
 
 
 class ShardReadError(UserError):
@@ -38,18 +39,24 @@ class ShardReadError(UserError):
 class SampleRef:
     key: str
     shard: str  # path or URL of the tar
-    meta_offset: int
-    meta_size: int
     tensor_offset: int
     tensor_size: int
     repeat: int
     alternatives: int  # alternative captions stored beside the caption
-    frames: int
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    base, _, field = name.partition(".")
-    return base, field
+@dataclass
+class TrainingData:
+    """A prep output as training reads it: every sample in a fixed order, the schema its family
+    wrote, and each shard's marker (what the driver verifies against)."""
+
+    refs: list[SampleRef]
+    schema: SampleSchema
+    markers: dict[str, ShardMarker]  # shard file name -> marker
+
+    @property
+    def family(self) -> str:
+        return self.schema.family
 
 
 def _manifest_rows(fs, root: str, data: str) -> list[dict[str, Any]]:
@@ -76,62 +83,12 @@ def _manifest_rows(fs, root: str, data: str) -> list[dict[str, Any]]:
     return [row for _, row in rows]
 
 
-def index_shards(data: str) -> list[SampleRef]:
-    """Every sample of the prep output ``data`` (folder or fsspec URL), in a fixed order."""
-    from ..storage import open_fs
-
-    fs, root = open_fs(data)
-    manifest = {row["key"]: row for row in _manifest_rows(fs, root, data)}
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    shard_names = sorted({row["shard"] for row in manifest.values()})
-    refs: list[SampleRef] = []
-    for name in shard_names:
-        path = f"{root}/{name}"
-        url = path if protocol in ("file", "local") else f"{protocol}://{path}"
-        members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:  # headers only: member data is skipped by seeking
-                    key, field = _split_member(info.name)
-                    if field in members.setdefault(key, {}):
-                        raise UserError(f"shard {url} holds sample {key!r} twice (its {field} at bytes "
-                                        f"{members[key][field].offset_data} and {info.offset_data}); "
-                                        f"run `acedist inspect {data}`")
-                    members[key][field] = info
-        except (OSError, tarfile.TarError) as error:
-            raise UserError(f"cannot read shard {url}: {error}; run `acedist inspect {data}`") from None
-        for key, fields in members.items():
-            row = manifest.get(key)
-            if row is None or row["shard"] != name or META_FIELD not in fields or TENSOR_FIELD not in fields:
-                continue  # not this shard's in the manifest: an unfinished or foreign member is never trained on
-            meta, tensors = fields[META_FIELD], fields[TENSOR_FIELD]
-            refs.append(SampleRef(key, url, meta.offset_data, meta.size, tensors.offset_data, tensors.size,
-                                  int(row.get("repeat", 1)), len(row.get("alt_text_tokens", [])), int(row["frames"])))
-    missing = set(manifest) - {r.key for r in refs}
-    if missing:
-        raise UserError(f"{len(missing)} samples of the manifest are not in the shards (e.g. {sorted(missing)[0]!r}); "
-                        f"run `acedist inspect {data}`")
-    return refs
-
-
 def _marker_file(shard: str) -> str:
     return shard[: -len(".tar")] + ".json" if shard.endswith(".tar") else shard + ".json"
 
 
-def verify_training_shards(data: str, shards: Sequence[str], log: Callable[[str], None] = print,
-                           threads: int = 8) -> None:
-    """Check every shard the run reads against its marker, on the driver, before any worker starts:
-    sha256 and size, one sample per key, readable meta and tensors with the marker's shapes.
-
-    Why the driver and not lazily in each worker: workers read single members by seeking, so a
-    worker could only check a shard's checksum by reading all of it, and with a shuffled epoch every
-    worker touches every shard: W workers would read the dataset W extra times, and a bad shard
-    would surface hours in. One pass here costs one read of the data (about 250 MB/s per thread
-    measured on a busy machine, hashing and parsing; threads overlap shards) and stops the run
-    before it spends GPU time on garbage."""
-    from ..storage import open_fs
-
-    fs, root = open_fs(data)
+def _read_markers(fs, root: str, data: str, shards: Sequence[str]) -> tuple[dict[str, ShardMarker], SampleSchema]:
+    """Each shard's marker, and the one schema they were all written with."""
     markers: dict[str, ShardMarker] = {}
     for name in shards:
         marker_path = f"{root}/{_marker_file(name)}"
@@ -143,11 +100,75 @@ def verify_training_shards(data: str, shards: Sequence[str], log: Callable[[str]
                             f"rerun `acedist prep` to complete it") from None
         except (ValueError, TypeError) as error:
             raise UserError(f"{data}/{_marker_file(name)} is unreadable ({error}); run `acedist inspect {data}`") from None
+    schemas = {name: marker_schema(marker, data) for name, marker in markers.items()}
+    identities = {(schema.family, schema.version) for schema in schemas.values()}
+    if len(identities) > 1:
+        found = ", ".join(f"{family} v{version}" for family, version in sorted(identities))
+        raise UserError(f"{data} mixes samples of several model families or schema versions ({found}); "
+                        f"prepare each family into its own folder")
+    return markers, next(iter(schemas.values()))
+
+
+def open_training_data(data: str) -> TrainingData:
+    """Every sample of the prep output ``data`` (folder or fsspec URL), in a fixed order, located
+    by its tensor member's offset (headers only: member data is skipped by seeking)."""
+    from ..storage import open_fs
+
+    fs, root = open_fs(data)
+    manifest = {row["key"]: row for row in _manifest_rows(fs, root, data)}
+    shard_names = sorted({row["shard"] for row in manifest.values()})
+    markers, schema = _read_markers(fs, root, data, shard_names)
+    alternatives = alt_count(schema.caption_counts[0]) if schema.caption_counts else None
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    refs: list[SampleRef] = []
+    for name in shard_names:
+        path = f"{root}/{name}"
+        url = path if protocol in ("file", "local") else f"{protocol}://{path}"
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for key, field, info in iter_members(tar):
+                    if field in members.setdefault(key, {}):
+                        raise UserError(f"shard {url} holds sample {key!r} twice (its {field} at bytes "
+                                        f"{members[key][field].offset_data} and {info.offset_data}); "
+                                        f"run `acedist inspect {data}`")
+                    members[key][field] = info
+        except (OSError, tarfile.TarError, ShardFormatError) as error:
+            raise UserError(f"cannot read shard {url}: {error}; run `acedist inspect {data}`") from None
+        for key, fields in members.items():
+            row = manifest.get(key)
+            if row is None or row["shard"] != name or TENSOR_FIELD not in fields:
+                continue  # not this shard's in the manifest: an unfinished or foreign member is never trained on
+            tensors = fields[TENSOR_FIELD]
+            refs.append(SampleRef(key, url, tensors.offset_data, tensors.size, int(row.get("repeat", 1)),
+                                  len(row.get(alternatives, [])) if alternatives else 0))
+    missing = set(manifest) - {r.key for r in refs}
+    if missing:
+        raise UserError(f"{len(missing)} samples of the manifest are not in the shards (e.g. {sorted(missing)[0]!r}); "
+                        f"run `acedist inspect {data}`")
+    return TrainingData(refs, schema, markers)
+
+
+def verify_training_shards(data: str, training: TrainingData, log: Callable[[str], None] = print,
+                           threads: int = 8) -> None:
+    """Check every shard the run reads against its marker, on the driver, before any worker starts:
+    sha256 and size, one sample per key, readable tensors of the schema with the marker's lengths.
+
+    Why the driver and not lazily in each worker: workers read single members by seeking, so a
+    worker could only check a shard's checksum by reading all of it, and with a shuffled epoch every
+    worker touches every shard: W workers would read the dataset W extra times, and a bad shard
+    would surface hours in. One pass here costs one read of the data (about 250 MB/s per thread
+    measured on a busy machine, hashing and parsing; threads overlap shards) and stops the run
+    before it spends GPU time on garbage."""
+    from ..storage import open_fs
+
+    fs, root = open_fs(data)
+    markers = training.markers
     total = sum(marker.bytes for marker in markers.values())
     log(f"train: verifying {len(markers)} shard(s), {total / 1e9:.2f} GB, against their markers")
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(markers)))) as pool:
-        checks = list(pool.map(lambda marker: verify_shard(fs, root, marker), markers.values()))
+        checks = list(pool.map(lambda marker: verify_shard(fs, root, marker, training.schema), markers.values()))
     bad = [check for check in checks if check.problems]
     if bad:
         described = "; ".join(f"{check.shard}: {check.problems[0]}" for check in bad[:3])
@@ -223,10 +244,11 @@ class EpochPlan:
 
 
 class SampleReader:
-    """Reads samples by seeking into shards; keeps one open file per shard."""
+    """Reads samples' tensors by seeking into shards (the meta is never read: training needs only
+    the tensors); keeps one open file per shard."""
 
-    def __init__(self, refs: Sequence[SampleRef]):
-        self.refs = refs
+    def __init__(self, refs: Sequence[SampleRef], schema: SampleSchema):
+        self.refs, self.schema = refs, schema
         self._files: dict[str, Any] = {}
 
     def _read(self, ref: SampleRef, offset: int, size: int) -> bytes:
@@ -246,19 +268,19 @@ class SampleReader:
         return data
 
     def read(self, item: Item) -> dict[str, Any]:
+        """The schema's tensors of the item's sample, with the caption it drew (``key`` and
+        ``caption_index`` beside them)."""
         ref = self.refs[item.ref]
         try:
             tensors = decode_tensors(ref.key, self._read(ref, ref.tensor_offset, ref.tensor_size))
-            meta = decode_meta(ref.key, self._read(ref, ref.meta_offset, ref.meta_size))
         except ShardFormatError as error:  # the data changed after the driver verified it
             raise ShardReadError(f"shard {ref.shard}, {error}; run `acedist inspect` on the data") from None
-        text_name = "text_states" if item.caption == 0 else f"{ALT_TEXT_PREFIX}{item.caption - 1}"
-        missing = sorted({"latent_mean", "latent_std", "lyric_ids", text_name} - tensors.keys())
-        if missing:
-            raise ShardReadError(f"shard {ref.shard}, sample {ref.key!r} lacks tensor(s) {', '.join(missing)}; "
-                                 f"run `acedist inspect` on the data")
-        return {"key": ref.key, "meta": meta, "latent_mean": tensors["latent_mean"], "latent_std": tensors["latent_std"],
-                "text_states": tensors[text_name], "lyric_ids": tensors["lyric_ids"], "caption_index": item.caption}
+        try:
+            chosen = self.schema.for_caption(tensors, item.caption)
+        except KeyError as missing:
+            raise ShardReadError(f"shard {ref.shard}, sample {ref.key!r} lacks tensor {missing}; "
+                                 f"run `acedist inspect` on the data") from None
+        return {**chosen, "key": ref.key, "caption_index": item.caption}
 
     def close(self) -> None:
         for handle in self._files.values():
@@ -266,7 +288,7 @@ class SampleReader:
         self._files.clear()
 
     def __getstate__(self):  # open files stay with their process (DataLoader workers reopen)
-        return {"refs": self.refs, "_files": {}}
+        return {"refs": self.refs, "schema": self.schema, "_files": {}}
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -108,11 +108,13 @@ def test_the_run_config_chooses_the_recipe_the_loss_draws_from(tiny_turbo, tiny_
     from acestep_dist.config import TrainConfig, load_config
     from acestep_dist.errors import ConfigError, UserError
     from acestep_dist.flow import MaxLogitNormalTimesteps
-    from acestep_dist.train.model import build_trainable, training_recipe
+    from acestep_dist.families.ace_step_15.options import TrainOptions
+    from acestep_dist.families.ace_step_15.training import AceStep15Trainable, training_recipe
 
     turbo = AceStep15.load(tiny_turbo)
     assert training_recipe(turbo.variant, TrainConfig()).sampler_name == "discrete-turbo"
-    chosen = build_trainable(turbo, TrainConfig(timestep_sampler="max-logit-normal", cfg_dropout=1.0)).recipe
+    chosen = AceStep15Trainable(turbo, TrainConfig(timestep_sampler="max-logit-normal", cfg_dropout=1.0),
+                                TrainOptions()).recipe
     assert isinstance(chosen.timestep_sampler, MaxLogitNormalTimesteps) and chosen.cfg_dropout == 1.0
     samples = _samples(turbo)[:1]
     other_text = dict(samples[0], text_states=torch.randn_like(samples[0]["text_states"]))

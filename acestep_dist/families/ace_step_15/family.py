@@ -18,19 +18,15 @@ from ...flow import TrainingRecipe, cfg_dropout_mask, masked_mse_per_sample, noi
 from ...records import Record
 from . import prompts
 from .attention import install_padding_masks
+from .interface import LORA_PRESETS
 from .loading import ALL_PARTS, AceStep15Components, load_components
+from .options import PrepOptions
 from .pipeline import AceStepRowPipeline, tokenize
 from .variants import VariantSpec
 
-TEXT_MAX_TOKENS = 256
-LYRIC_MAX_TOKENS = 2048
+TEXT_MAX_TOKENS = PrepOptions.model_fields["text_max_tokens"].default
+LYRIC_MAX_TOKENS = PrepOptions.model_fields["lyric_max_tokens"].default
 TIMBRE_SECONDS = 30  # no reference audio: the first 30 s of the silence latent feed the timbre encoder
-
-LORA_PRESETS = {
-    # diffusers module names; upstream calls them q_proj k_proj v_proj o_proj
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention+mlp": ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "down_proj"),
-}
 
 
 @dataclass

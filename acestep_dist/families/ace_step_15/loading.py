@@ -66,9 +66,21 @@ def _is_upstream_variant(path: Path) -> bool:
         return False
 
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
     return 2 <= len(parts) <= 3 and not text.startswith((".", "/", "~")) and all(parts)
+
+
+def claims_folder(path: Path) -> bool:
+    """An ACE-Step 1.5 checkpoint folder in any layout we load (or the parent of upstream variants)."""
+    if not path.is_dir():
+        return False
+    if _is_diffusers_root(path):
+        try:
+            return str(json.loads((path / "model_index.json").read_text()).get("_class_name", "")).startswith("AceStep")
+        except (OSError, ValueError, AttributeError):
+            return False
+    return _is_upstream_variant(path) or any(p.is_dir() and _is_upstream_variant(p) for p in path.iterdir())
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, *, local_files_only: bool = False) -> tuple[Path, str]:
@@ -77,7 +89,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, local_files_only: bool 
     path = Path(text).expanduser()
     if path.exists():
         return _local_layout(path)
-    if _looks_like_hub_id(text):
+    if looks_like_hub_id(text):
         return _local_layout(_download(text, local_files_only=local_files_only))
     raise ModelLoadError(f"model {text!r}: no such folder, and not a hub id of the form org/name")
 

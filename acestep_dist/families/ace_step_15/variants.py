@@ -20,17 +20,7 @@ from ...flow import (
     UniformTimesteps,
 )
 
-VARIANT_NAMES = (
-    "turbo",
-    "turbo-shift1",
-    "turbo-shift3",
-    "turbo-continuous",
-    "base",
-    "sft",
-    "xl-turbo",
-    "xl-base",
-    "xl-sft",
-)
+from .interface import VARIANT_NAMES
 
 # The real DiT is 2048 wide; XL DiTs are wider than the condition encoder that feeds them.
 _XL_MIN_HIDDEN = 2560

@@ -1,0 +1,205 @@
+"""ACE-Step 1.5 behind the family interface (``..base``): what the stages see of it.
+
+Importing this module is cheap (the registry imports it to list the family); torch, diffusers and
+the model code load when a method needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ...errors import UserError
+from ..base import Family, FamilyModel, RenderRequest, ModelDescription, SampleSchema, TensorSpec
+from .options import PrepOptions, TrainOptions
+
+NAME = "ace-step-1.5"
+VARIANT_NAMES = (
+    "turbo", "turbo-shift1", "turbo-shift3", "turbo-continuous", "base", "sft", "xl-turbo", "xl-base", "xl-sft",
+)
+SCHEMA = SampleSchema(NAME, 1, (
+    # the VAE posterior [T, C]: training draws mean + std * eps every step
+    TensorSpec("latent_mean", "bfloat16", "frames"),
+    TensorSpec("latent_std", "bfloat16", "frames", same_shape_as="latent_mean"),
+    # Qwen3's last hidden state of the caption prompt, unpadded [L, 1024]
+    TensorSpec("text_states", "bfloat16", "text_tokens", per_caption=True),
+    # token ids of the lyric prompt; the condition encoder embeds them at training time
+    TensorSpec("lyric_ids", "int32", "lyric_tokens"),
+))
+LORA_PRESETS = {
+    # diffusers module names; upstream calls them q_proj k_proj v_proj o_proj
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+mlp": ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "down_proj"),
+}
+# which components each purpose loads
+PURPOSE_PARTS = {
+    "encode-audio": ("vae",),
+    "encode-text": ("text_encoder", "tokenizer"),
+    # the text encoder for its token table (lyrics are embedded by it during training)
+    "train": ("transformer", "condition_encoder", "text_encoder", "tokenizer"),
+    "validate": ("transformer", "condition_encoder", "text_encoder", "tokenizer", "vae"),
+}
+# ACE-Step 1.5 generates up to 10 minutes: upstream's acestep/constants.py has DURATION_MAX = 600
+# (github.com/ace-step/ACE-Step-1.5), diffusers' AceStepPipeline docs say "from 10 seconds to 10
+# minutes". Upstream's DURATION_MIN = 10 is a quality floor, not a limit of the model: shorter
+# renders work and keep tests and demos quick, so it is not enforced.
+MAX_GENERATE_SECONDS = 600.0
+_TEXT_TOKENS_ESTIMATE = 200  # a caption prompt is ~200 tokens: what shard planning budgets
+
+
+class AceStep15Family(Family):
+    name = NAME
+    schema = SCHEMA
+    variants = VARIANT_NAMES
+    variant_aliases = {"xl": "xl-base"}
+    default_variant = "turbo"
+    lora_presets = tuple(LORA_PRESETS)
+    lora_formats = ("diffusers", "peft", "comfyui")
+    full_formats = ("diffusers", "upstream")
+    tasks = ("text2music", "repaint", "cover")
+    max_generate_seconds = MAX_GENERATE_SECONDS
+    prep_options = PrepOptions
+    train_options = TrainOptions
+
+    # ------------------------------------------------------------------- checkpoints
+    def claims(self, model: str) -> int:
+        from .loading import claims_folder, looks_like_hub_id
+
+        path = Path(model).expanduser()
+        if path.exists():
+            return 2 if claims_folder(path) else 0
+        return 1 if looks_like_hub_id(model) else 0
+
+    def describe(self, model: str) -> ModelDescription:
+        from .loading import load_components, model_dimensions, model_fingerprint
+
+        components = load_components(model, parts=())  # configs only; a hub id is downloaded here
+        folder = Path(components.source)
+        dims = model_dimensions(folder, components.layout)
+        spec = components.variant
+        return ModelDescription(
+            family=NAME, variant=spec.name, source=str(folder), layout=components.layout,
+            sample_rate=dims.sample_rate, frames_per_second=dims.frames_per_second,
+            fingerprint=model_fingerprint(folder, components.layout),
+            dimensions={"latent_dim": dims.latent_dim, "text_dim": dims.text_dim, "hop_length": dims.hop_length,
+                        "dit_hidden": int(components.transformer_config.get("hidden_size", 0))},
+            details={"timestep_sampler": spec.default_sampler, "timestep_sampler_parameters": repr(spec.timestep_sampler),
+                     "cfg_dropout": spec.cfg_dropout, "default_steps": spec.default_steps,
+                     "default_guidance": spec.default_guidance, "default_shift": spec.default_shift},
+        )
+
+    def load(self, description: ModelDescription, purpose: str, *, dtype=None, device: str = "cpu") -> "AceStep15Model":
+        import torch
+
+        from .family import AceStep15
+        from .loading import ALL_PARTS
+
+        parts = PURPOSE_PARTS.get(purpose, ALL_PARTS)
+        model = AceStep15.load(description.source, parts, dtype=dtype or torch.float32, device=device)
+        if purpose == "encode-audio":
+            model.components.vae.enable_tiling()  # bounded memory on long windows
+        return AceStep15Model(description, model, purpose)
+
+    def sample_bytes(self, description: ModelDescription, seconds: float) -> float:
+        dims = description.dimensions
+        return (2 * 2 * dims["latent_dim"] * description.frames_per_second * seconds  # mean + std, bf16
+                + 2 * dims["text_dim"] * _TEXT_TOKENS_ESTIMATE)
+
+    def write_tiny(self, out: Path, variant: str, seed: int = 0, **options: Any) -> Path:
+        from .tiny import write_tiny_checkpoint
+
+        unknown = set(options) - {"latent_dim"}
+        if unknown:
+            raise UserError(f"{NAME} tiny checkpoints take no {', '.join(sorted(unknown))}")
+        return write_tiny_checkpoint(out, variant=self.variant_name(variant), seed=seed, **options)
+
+    # ----------------------------------------------------------------------- training
+    def check_training(self, description: ModelDescription, config, options: TrainOptions) -> str:
+        from .loading import load_components
+        from .training import check_training
+
+        components = load_components(description.source, parts=())
+        return check_training(components.transformer_config, components.variant, config, options).describe()
+
+    def legacy_weights(self, state: dict) -> list[str]:
+        from .training import legacy_weights
+
+        return legacy_weights(state)
+
+    # ------------------------------------------------------------------------ exports
+    def lora_info(self, path: str) -> dict[str, Any]:
+        from .lora_formats import read_lora, read_provenance
+
+        weights = read_lora(path)
+        return {"rank": weights.rank, "alpha": weights.alpha, "provenance": read_provenance(path) or {}}
+
+    def export_lora(self, run_folder: Path, weights: Sequence[str], out: Path, formats: Sequence[str], name: str,
+                    provenance: dict[str, Any]) -> tuple[list[Path], str]:
+        from .export import export_lora
+
+        return export_lora(run_folder, weights, out, formats, name, provenance)
+
+    def export_full(self, description: ModelDescription, run_folder: Path, weights: Sequence[str], out: Path,
+                    formats: Sequence[str]) -> tuple[list[Path], str]:
+        from .export import export_full
+
+        return export_full(self.load(description, "export"), run_folder, weights, out, formats)
+
+
+class AceStep15Model(FamilyModel):
+    def __init__(self, description: ModelDescription, model, purpose: str):
+        self.description, self.model, self.purpose = description, model, purpose
+
+    # --------------------------------------------------------------------------- prep
+    def encode_audio(self, wave):
+        stats = self.model.encode_audio(wave)
+        return {"latent_mean": stats.mean, "latent_std": stats.std}
+
+    def encode_text(self, records, options: PrepOptions):
+        states = self.model.encode_text(records, options.text_max_tokens)
+        lyric_ids = self.model.tokenize_lyrics(records, options.lyric_max_tokens)
+        return [{"text_states": text, "lyric_ids": lyrics} for text, lyrics in zip(states, lyric_ids, strict=True)]
+
+    # ----------------------------------------------------------------------- training
+    def collate(self, samples):
+        return self.model.collate(samples)
+
+    def trainable(self, config, options: TrainOptions):
+        from .training import AceStep15Trainable
+
+        trainable = AceStep15Trainable(self.model, config, options)
+        if self.purpose == "train":
+            self.model.components.text_encoder = None  # only its token table is needed (the module keeps it)
+        return trainable
+
+    # ----------------------------------------------------------------------- sampling
+    def generate(self, request: RenderRequest, lora: str | None = None, lora_scale: float = 1.0, log=print):
+        import torch
+
+        from .generation import load_lora_into
+
+        family = self.model
+        pipe = family.pipeline()
+        if lora:
+            weights = load_lora_into(pipe, family, lora, lora_scale)
+            log(f"generate: LoRA {lora} (rank {weights.rank}, alpha {weights.alpha:g}) at scale {lora_scale:g}")
+        extra: dict = {}
+        if request.source_audio is not None:
+            # The VAE encodes whole latent frames only (floor): pad the source with silence to the
+            # next whole frame so the output covers all of it (the caller trims it back).
+            extra["src_audio"] = torch.nn.functional.pad(request.source_audio, (0, -request.source_audio.shape[-1] % family.hop_length))
+            if request.task == "repaint":
+                start, end = request.repaint
+                extra.update(task_type="repaint", repainting_start=start, repainting_end=end)
+            else:
+                extra.update(task_type="cover", audio_cover_strength=request.cover_strength)
+        try:
+            audio = family.generate(request.record, duration=request.duration, seed=request.seed, steps=request.steps,
+                                    guidance=request.guidance, shift=request.shift, pipeline=pipe, **extra)
+        except (ValueError, RuntimeError) as error:
+            raise UserError(f"{request.task} with this model failed in diffusers' AceStepPipeline: {error}") from None
+        return audio[0]
+
+
+FAMILY = AceStep15Family()
+

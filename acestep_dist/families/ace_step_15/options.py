@@ -1,0 +1,23 @@
+"""ACE-Step 1.5's own config keys (validated by the family; the general keys are in config.py)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from ..base import FamilyOptions
+
+
+class PrepOptions(FamilyOptions):
+    text_max_tokens: int = Field(256, gt=0, description="the text encoder's limit at inference")
+    lyric_max_tokens: int = Field(2048, gt=0)
+
+
+class TrainOptions(FamilyOptions):
+    lyrics_embedder_train: bool = Field(False, description="also train the condition encoder's lyric encoder")
+    lyrics_embedder_lr: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _lyrics_lr(self) -> "TrainOptions":
+        if self.lyrics_embedder_lr is not None and not self.lyrics_embedder_train:
+            raise ValueError("lyrics_embedder_lr is set but lyrics_embedder_train is false")
+        return self

@@ -1,0 +1,222 @@
+"""What an ACE-Step 1.5 training worker optimises: the DiT (LoRA or full), optionally the lyric
+encoder, and the frozen rest of the condition path, wrapped as one module for DeepSpeed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ...config import TrainConfig, sampler_parameter_problem
+from ...errors import UserError
+from ...flow import TrainingRecipe
+from ..base import RenderRequest, Trainable
+from .family import AceStep15, TrainingBatch
+from .lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
+from .options import TrainOptions
+from .variants import VariantSpec
+
+ADAPTER_NAME = "default"
+LORA_FILE = "lora.safetensors"  # the adapter in diffusers' format
+TRANSFORMER_DIR = "transformer"  # full fine-tunes: the DiT in diffusers' format
+LYRIC_ENCODER_FILE = "lyric_encoder.safetensors"  # when the lyric encoder was trained
+
+
+class FlowMatchingModule(torch.nn.Module):
+    """``forward(batch, generators)`` -> (mean loss, per-sample losses, timesteps): the family's
+    variant-aware loss. Holds every module the loss runs as a child, so DeepSpeed (ZeRO-3
+    included) partitions and hooks them all."""
+
+    def __init__(self, family: AceStep15, recipe: TrainingRecipe):
+        super().__init__()
+        self.family = [family]  # a list: not a submodule, just a handle
+        self.recipe = recipe
+        self.transformer = family.components.transformer
+        self.condition_encoder = family.components.condition_encoder
+        self.lyric_embedding = family.lyric_embedding()
+        # a buffer, not a parameter: ZeRO-3 leaves it whole (the embedding is never trained)
+        self.register_buffer("null_condition", self.condition_encoder.null_condition_emb.detach().clone(),
+                             persistent=False)
+
+    def forward(self, batch: TrainingBatch, generators: Sequence[torch.Generator]):
+        return self.family[0].training_loss(batch, generators, self.lyric_embedding, self.null_condition, self.recipe)
+
+
+def training_recipe(variant: VariantSpec, config: TrainConfig) -> TrainingRecipe:
+    """The run's timestep sampler and CFG dropout: the variant's upstream recipe unless the config
+    names its own."""
+    sampler = config.timestep_sampler or variant.default_sampler
+    problem = sampler_parameter_problem(sampler, config)
+    if problem:
+        raise UserError(f"{problem} (the {variant.name} variant's default sampler)")
+    return variant.recipe(sampler, config.cfg_dropout, mu=config.timestep_mu, sigma=config.timestep_sigma,
+                          shift=config.timestep_shift)
+
+
+def lora_targets(preset: str) -> tuple[str, ...]:
+    from .interface import LORA_PRESETS
+
+    if preset not in LORA_PRESETS:
+        raise UserError(f"lora_preset {preset!r} is not one of ACE-Step 1.5's: {', '.join(LORA_PRESETS)}")
+    return LORA_PRESETS[preset]
+
+
+def lora_config(config: TrainConfig, targets: Sequence[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
+
+
+def _check_init_lora(weights: LoraWeights, config: TrainConfig, targets: Sequence[str], path: str) -> None:
+    problems = []
+    if weights.rank != config.lora_rank:
+        problems.append(f"rank {weights.rank} (lora_rank is {config.lora_rank})")
+    if abs(weights.scale - config.lora_alpha / (config.lora_rank ** 0.5 if config.use_rslora else config.lora_rank)) > 1e-6:
+        problems.append(f"alpha {weights.alpha:g}{' with rsLoRA' if weights.use_rslora else ''} "
+                        f"(lora_alpha is {config.lora_alpha:g}{' with rsLoRA' if config.use_rslora else ''})")
+    extra = set(weights.targets) - set(targets)
+    if extra:
+        problems.append(f"targets {sorted(extra)} outside lora_preset {config.lora_preset!r} ({', '.join(targets)})")
+    if problems:
+        raise UserError(f"init_lora {path} does not fit this run: " + "; ".join(problems))
+
+
+def read_init_lora(path: str) -> LoraWeights:
+    """``init_lora`` read, any failure to read it as a LoRA turned into a UserError naming the file."""
+    try:
+        return read_lora(path)
+    except UserError:
+        raise
+    except Exception as error:  # a corrupt file fails inside safetensors or JSON with their own exceptions
+        raise UserError(f"init_lora {path} cannot be read as a LoRA: {type(error).__name__}: {error}") from None
+
+
+def check_training(transformer_config: dict, variant: VariantSpec, config: TrainConfig,
+                   options: TrainOptions) -> TrainingRecipe:
+    """On the driver, before any worker starts: the recipe, the LoRA preset, and ``init_lora``
+    readable and fitting the run's rank, alpha, preset and the model's DiT. The DiT is built on the
+    meta device from its config (no weights are read); a worker checks the same again when it
+    loads the adapter."""
+    recipe = training_recipe(variant, config)
+    if config.model_type == "lora":
+        targets = lora_targets(config.lora_preset)
+    if not config.init_lora:
+        return recipe
+    if config.model_type != "lora":
+        raise UserError("init_lora applies to model_type: lora only")
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+
+    weights = read_init_lora(config.init_lora)
+    _check_init_lora(weights, config, targets, config.init_lora)
+    with torch.device("meta"):
+        transformer = AceStepTransformer1DModel.from_config(transformer_config)
+    check_fits(weights, transformer, variant.name, config.init_lora)
+    return recipe
+
+
+class AceStep15Trainable(Trainable):
+    """Freezes everything, then opens what the config trains: LoRA adapters (optionally initialised
+    from ``init_lora``) or the whole DiT, and optionally the lyric encoder with its own rate."""
+
+    def __init__(self, family: AceStep15, config: TrainConfig, options: TrainOptions):
+        from peft import set_peft_model_state_dict
+
+        self.family, self.config, self.options = family, config, options
+        components = family.components
+        transformer, condition_encoder = components.transformer, components.condition_encoder
+        for module in (transformer, condition_encoder, family.lyric_embedding()):
+            module.requires_grad_(False)
+        self.targets: tuple[str, ...] = ()
+        if config.model_type == "lora":
+            self.targets = lora_targets(config.lora_preset)
+            init = read_init_lora(config.init_lora) if config.init_lora else None
+            if init is not None:  # checked against the plain DiT, before adapters wrap its layers
+                _check_init_lora(init, config, self.targets, config.init_lora)
+                check_fits(init, transformer, family.variant.name, config.init_lora)
+            # LoRA A starts random: seed it, so the start does not depend on what was loaded before
+            torch.manual_seed(config.seed)
+            transformer.add_adapter(lora_config(config, self.targets), adapter_name=ADAPTER_NAME)
+            if init is not None:
+                set_peft_model_state_dict(transformer, init.state_dict, adapter_name=ADAPTER_NAME)
+            dit_params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+            for p in dit_params:
+                p.requires_grad_(True)
+        else:
+            if config.init_lora:
+                raise UserError("init_lora applies to model_type: lora only")
+            transformer.requires_grad_(True)
+            dit_params = list(transformer.parameters())
+        self.param_groups = [{"params": dit_params, "lr": config.learning_rate, "name": "dit"}]
+        if options.lyrics_embedder_train:
+            lyric_params = list(condition_encoder.lyric_encoder.parameters())
+            for p in lyric_params:
+                p.requires_grad_(True)
+            self.param_groups.append({"params": lyric_params, "lr": options.lyrics_embedder_lr or config.learning_rate,
+                                      "name": "lyric_encoder"})
+        transformer.train()
+        # dropout and grad tracking in the condition path only when part of it trains
+        condition_encoder.train(options.lyrics_embedder_train)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if self.trainable_parameters == 0:
+            raise UserError("nothing to train: the configuration leaves every parameter frozen")
+        self.module = FlowMatchingModule(family, training_recipe(family.variant, config))
+
+    @property
+    def recipe(self) -> TrainingRecipe:
+        return self.module.recipe
+
+    def describe(self) -> str:
+        return self.recipe.describe()
+
+    def state(self) -> dict:
+        return {"variant": self.family.variant.name,
+                "recipe": {"timestep_sampler": self.recipe.sampler_name, "cfg_dropout": self.recipe.cfg_dropout}}
+
+    def lora_weights(self) -> LoraWeights:
+        """The adapter as it stands (call under ZeRO-3 parameter gathering)."""
+        from peft import get_peft_model_state_dict
+
+        transformer = self.family.components.transformer
+        state = {k: v.detach().to("cpu", torch.float32).clone()
+                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()}
+        return LoraWeights(state, self.config.lora_rank, self.config.lora_alpha, self.config.use_rslora,
+                           tuple(self.targets))
+
+    def save(self, folder: Path) -> list[str]:
+        from safetensors.torch import save_file
+
+        components = self.family.components
+        if self.config.model_type == "lora":
+            write_diffusers(self.lora_weights(), folder).rename(folder / LORA_FILE)
+            written = [LORA_FILE]
+        else:
+            components.transformer.save_pretrained(str(folder / TRANSFORMER_DIR), safe_serialization=True)
+            written = [TRANSFORMER_DIR]
+        if self.options.lyrics_embedder_train:
+            encoder = components.condition_encoder.lyric_encoder
+            save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+                      str(folder / LYRIC_ENCODER_FILE))
+            written.append(LYRIC_ENCODER_FILE)
+        return written
+
+    def render(self, request: RenderRequest) -> torch.Tensor:
+        transformer = self.family.components.transformer
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            audio = self.family.generate(request.record, duration=request.duration, seed=request.seed,
+                                         steps=request.steps, guidance=request.guidance)[0]
+        finally:
+            transformer.train(was_training)
+        return audio[..., : int(round(request.duration * self.family.sample_rate))]
+
+
+def legacy_weights(state: dict) -> list[str]:
+    """The weight files of a run state written before states listed them."""
+    files = [LORA_FILE if state.get("model_type") == "lora" else TRANSFORMER_DIR]
+    if (state.get("config") or {}).get("lyrics_embedder_train"):
+        files.append(LYRIC_ENCODER_FILE)
+    return files

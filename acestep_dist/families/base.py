@@ -1,0 +1,330 @@
+"""The model-family interface: everything a stage may ask of a model family.
+
+A family is two objects:
+
+- ``Family`` (one instance per family, registered by name, no weights): which checkpoints it
+  claims, ``describe`` (variant, sizes, fingerprint from config files alone), the sample
+  ``schema`` its shards hold, its variants, LoRA presets and formats, generation tasks, its own
+  config keys, the tiny checkpoint writer, and the exports that need no loaded model.
+- ``FamilyModel`` (returned by ``Family.load(description, purpose)``): the loaded parts one stage
+  needs and what that stage does with them: ``encode_audio`` / ``encode_text`` (prep),
+  ``collate`` and ``trainable`` (training: a module whose forward is the family's own loss),
+  ``generate`` (validation renders and ``acedist generate``).
+
+The stages (prep, shards, train, export, generate, the CLI) only ever hold these objects; they
+never import a family's folder. Adding a family = a folder implementing these two classes plus
+one ``register`` call (``tests/toy_family.py`` is a worked example of about 300 lines).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..records import Record
+
+ALT_PREFIX = "alt_"  # alternative-caption copies of per-caption tensors: alt_<name>_<i>
+
+
+class FamilyOptions(BaseModel):
+    """A family's own config keys (prep or train); subclasses declare the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------- sample schema
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a sample: its stored dtype, which axis is its length, and the manifest count
+    (``frames``, ``text_tokens``, ...) that length must equal."""
+
+    name: str
+    dtype: str  # a torch dtype name: "bfloat16", "float32", "int32", ...
+    length: str  # the count in the sample's meta / manifest row that gives its length
+    axis: int = 0
+    per_caption: bool = False  # an alternative caption stores its own copy: alt_<name>_<i>
+    same_shape_as: str | None = None  # e.g. a posterior's std has its mean's shape
+
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def alt_name(name: str, index: int) -> str:
+    return f"{ALT_PREFIX}{name}_{index}"
+
+
+def alt_count(length: str) -> str:
+    """The meta field listing the lengths of a per-caption tensor's alternatives."""
+    return f"{ALT_PREFIX}{length}"
+
+
+@dataclass(frozen=True)
+class SampleSchema:
+    """What one sample of a family stores. Every schema has a tensor measured in ``frames`` (the
+    audio's latent length, which training and reports read)."""
+
+    family: str
+    version: int
+    tensors: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not any(spec.length == "frames" for spec in self.tensors):
+            raise ValueError(f"schema of {self.family}: one tensor's length must be 'frames'")
+
+    @property
+    def counts(self) -> tuple[str, ...]:
+        """The meta / manifest fields holding lengths (``frames``, ``text_tokens``, ...)."""
+        return tuple(dict.fromkeys(spec.length for spec in self.tensors))
+
+    @property
+    def caption_counts(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(spec.length for spec in self.tensors if spec.per_caption))
+
+    def identity(self) -> dict[str, Any]:
+        return {"family": self.family, "schema_version": self.version}
+
+    def expected(self, lengths: dict[str, Any]) -> dict[str, tuple[TensorSpec, int]]:
+        """Every tensor a sample with these lengths (a manifest row / meta) holds, with its length."""
+        want: dict[str, tuple[TensorSpec, int]] = {}
+        for spec in self.tensors:
+            want[spec.name] = (spec, int(lengths[spec.length]))
+            if spec.per_caption:
+                for index, length in enumerate(lengths.get(alt_count(spec.length), [])):
+                    want[alt_name(spec.name, index)] = (spec, int(length))
+        return want
+
+    def lengths_of(self, tensors: dict[str, "torch.Tensor"], alternatives: Sequence[dict[str, "torch.Tensor"]] = ()) -> dict[str, Any]:
+        """The counts of one sample: its own lengths, and per alternative caption its per-caption ones."""
+        lengths: dict[str, Any] = {}
+        for spec in self.tensors:
+            lengths.setdefault(spec.length, int(tensors[spec.name].shape[spec.axis]))
+        for count in self.caption_counts:
+            specs = [spec for spec in self.tensors if spec.per_caption and spec.length == count]
+            lengths[alt_count(count)] = [int(alt[specs[0].name].shape[specs[0].axis]) for alt in alternatives]
+        return lengths
+
+    def pack(self, tensors: dict[str, "torch.Tensor"], alternatives: Sequence[dict[str, "torch.Tensor"]] = ()) -> bytes:
+        """The sample's safetensors blob, each tensor in its declared dtype."""
+        from safetensors.torch import save as save_safetensors
+
+        unknown = sorted(set(tensors) - {spec.name for spec in self.tensors})
+        missing = sorted({spec.name for spec in self.tensors} - set(tensors))
+        if unknown or missing:
+            raise ValueError(f"{self.family} sample tensors do not match its schema "
+                             f"(missing {missing}, undeclared {unknown})")
+        blob: dict[str, Any] = {}
+        for spec in self.tensors:
+            blob[spec.name] = tensors[spec.name].detach().to("cpu", spec.torch_dtype()).contiguous()
+            if spec.per_caption:
+                for index, alternative in enumerate(alternatives):
+                    blob[alt_name(spec.name, index)] = alternative[spec.name].detach().to("cpu", spec.torch_dtype()).contiguous()
+        return save_safetensors(blob)
+
+    def problems(self, tensors: dict[str, "torch.Tensor"], lengths: dict[str, Any]) -> list[str]:
+        """Why ``tensors`` are not a sample of these lengths (missing, wrong dtype or length)."""
+        found = []
+        for name, (spec, length) in self.expected(lengths).items():
+            tensor = tensors.get(name)
+            if tensor is None:
+                found.append(f"lacks tensor {name}")
+            elif tensor.dim() <= spec.axis or tensor.shape[spec.axis] != length or tensor.dtype != spec.torch_dtype():
+                found.append(f"{name} is {list(tensor.shape)} {tensor.dtype}, the manifest says {length} along axis "
+                             f"{spec.axis} of {spec.dtype}")
+            elif spec.same_shape_as and spec.same_shape_as in tensors and tensors[spec.same_shape_as].shape != tensor.shape:
+                found.append(f"{name} and {spec.same_shape_as} shapes differ")
+        undeclared = sorted(set(tensors) - set(self.expected(lengths)))
+        if undeclared:
+            found.append(f"holds tensors its schema does not declare: {', '.join(undeclared)}")
+        return found
+
+    def for_caption(self, tensors: dict[str, "torch.Tensor"], caption: int) -> dict[str, "torch.Tensor"]:
+        """The sample's tensors as training uses them: caption 0 is the caption, i > 0 the
+        (i-1)-th alternative, whose per-caption tensors take the place of the caption's."""
+        chosen = {}
+        for spec in self.tensors:
+            name = spec.name if caption == 0 or not spec.per_caption else alt_name(spec.name, caption - 1)
+            if name not in tensors:
+                raise KeyError(name)
+            chosen[spec.name] = tensors[name]
+        return chosen
+
+
+# ----------------------------------------------------------------------------- descriptions
+@dataclass(frozen=True)
+class ModelDescription:
+    """A checkpoint as read from its config files, without weights."""
+
+    family: str
+    variant: str
+    source: str  # the resolved local folder (a hub id is downloaded once, on the driver)
+    layout: str  # how the folder is organised (e.g. "diffusers", "upstream")
+    sample_rate: int
+    frames_per_second: float
+    fingerprint: str  # identity of the parts prep encodes with: prep output depends on it
+    dimensions: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # family-specific facts for `acedist model info`
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RenderRequest:
+    """What to render: the record (caption, lyrics, bpm, ...) and how."""
+
+    record: "Record"
+    duration: float  # seconds of the output
+    task: str = "text2music"  # one of the family's tasks
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    source_audio: Any = None  # [channels, n] float tensor at the model's rate (repaint / cover)
+    repaint: tuple[float, float] | None = None
+    cover_strength: float = 1.0
+
+
+@dataclass
+class TrainedWeights:
+    """What ``Trainable.save`` wrote: paths relative to the checkpoint folder."""
+
+    files: list[str]
+
+
+class Trainable(ABC):
+    """What a training worker optimises. ``module`` holds every part the loss touches as a child
+    (so DeepSpeed partitions and hooks them all); its ``forward(batch, generators)`` returns
+    ``(mean loss, per-sample losses [B], timesteps [B])``, one generator per sample."""
+
+    module: "torch.nn.Module"
+    param_groups: list[dict]
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for group in self.param_groups for p in group["params"])
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line: what trains and with which recipe (the first log line of a run)."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Facts for the run state (variant, recipe, ...), JSON-serialisable."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> list[str]:
+        """Write the trained weights (parameters gathered) into ``folder``; return their paths."""
+
+    @abstractmethod
+    def render(self, request: RenderRequest) -> "torch.Tensor":
+        """A validation render with the weights as they stand: ``[channels, n]``."""
+
+
+class FamilyModel(ABC):
+    """The parts of one checkpoint a stage loaded (``Family.load``) and what the stage does with them."""
+
+    description: ModelDescription
+
+    @property
+    def sample_rate(self) -> int:
+        return self.description.sample_rate
+
+    def encode_audio(self, wave: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """``wave [channels, n]`` at ``sample_rate`` -> the sample's audio tensors (schema names)."""
+        raise NotImplementedError(f"{self.description.family} cannot encode audio with the parts loaded")
+
+    def encode_text(self, records: Sequence["Record"], options: FamilyOptions) -> list[dict[str, "torch.Tensor"]]:
+        """Per record, its text tensors (schema names, unpadded), each row as it would be alone."""
+        raise NotImplementedError(f"{self.description.family} cannot encode text with the parts loaded")
+
+    def collate(self, samples: Sequence[dict[str, "torch.Tensor"]]) -> Any:
+        """Schema tensors of B samples -> the batch ``Trainable.module`` takes (with ``.to(device)``)."""
+        raise NotImplementedError
+
+    def trainable(self, config, options: FamilyOptions) -> Trainable:
+        raise NotImplementedError(f"{self.description.family} was loaded without its training parts")
+
+    def generate(self, request: RenderRequest, lora: str | None = None, lora_scale: float = 1.0,
+                 log=print) -> "torch.Tensor":
+        """Render ``request``: ``[channels, n]`` float audio at ``sample_rate``."""
+        raise NotImplementedError
+
+
+class Family(ABC):
+    """One model family (see the module docstring). Subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    schema: ClassVar[SampleSchema]
+    variants: ClassVar[tuple[str, ...]]
+    variant_aliases: ClassVar[dict[str, str]] = {}
+    default_variant: ClassVar[str]
+    lora_presets: ClassVar[tuple[str, ...]] = ()
+    lora_formats: ClassVar[tuple[str, ...]] = ()  # what export writes for a LoRA run
+    full_formats: ClassVar[tuple[str, ...]] = ()  # what export writes for a full fine-tune
+    tasks: ClassVar[tuple[str, ...]] = ("text2music",)
+    max_generate_seconds: ClassVar[float | None] = None  # the longest render the model was trained for
+    prep_options: ClassVar[type[FamilyOptions]] = FamilyOptions
+    train_options: ClassVar[type[FamilyOptions]] = FamilyOptions
+
+    @abstractmethod
+    def claims(self, model: str) -> int:
+        """How surely ``model`` (a local folder or a hub id) is a checkpoint of this family:
+        0 not mine, 1 could be (a hub id not yet downloaded), 2 certainly (its files say so)."""
+
+    @abstractmethod
+    def describe(self, model: str) -> ModelDescription:
+        """Read config files only (a hub id is downloaded first); raise ModelLoadError when unusable."""
+
+    @abstractmethod
+    def load(self, description: ModelDescription, purpose: str, *, dtype=None, device: str = "cpu") -> FamilyModel:
+        """Load the parts ``purpose`` needs: "encode-audio", "encode-text", "train", "validate"
+        (train + what renders), "generate", "export"."""
+
+    def sample_bytes(self, description: ModelDescription, seconds: float) -> float:
+        """Estimated bytes of one sample of ``seconds`` of audio (plans shard sizes)."""
+        return 0.0
+
+    @abstractmethod
+    def write_tiny(self, out: Path, variant: str, seed: int = 0, **options: Any) -> Path:
+        """A random-weight checkpoint of the real architecture, small enough for tests and demos."""
+
+    def check_training(self, description: ModelDescription, config, options: FamilyOptions) -> str:
+        """On the driver before any worker starts: refuse settings that cannot train this model
+        (``UserError``); return a one-line description of the recipe."""
+        return ""
+
+    def legacy_weights(self, state: dict[str, Any]) -> list[str]:
+        """The weight files of a run state written before states listed them (none: unreadable)."""
+        return []
+
+    def lora_info(self, path: str) -> dict[str, Any]:
+        """Read a LoRA file or folder (rank, alpha, provenance) without a model; raise UserError."""
+        raise NotImplementedError(f"{self.name} has no LoRA support")
+
+    def export_lora(self, run_folder: Path, weights: Sequence[str], out: Path, formats: Sequence[str], name: str,
+                    provenance: dict[str, Any]) -> tuple[list[Path], str]:
+        """Write the LoRA a run saved (``weights``: its files in ``run_folder``) in ``formats``;
+        return the files written and the README text that says where each goes."""
+        raise NotImplementedError(f"{self.name} has no LoRA export")
+
+    def export_full(self, description: ModelDescription, run_folder: Path, weights: Sequence[str], out: Path,
+                    formats: Sequence[str]) -> tuple[list[Path], str]:
+        """Write the base model with the trained weights swapped in; return the files and README text."""
+        raise NotImplementedError(f"{self.name} has no full-weight export")
+
+    def variant_name(self, name: str) -> str:
+        name = self.variant_aliases.get(name, name)
+        if name not in self.variants:
+            from ..errors import UserError
+
+            raise UserError(f"{self.name} has no variant {name!r}; known: {', '.join(self.variants)}")
+        return name
