@@ -43,6 +43,14 @@ class GenerateRequest:
     cover_strength: float = 1.0
     task: str | None = None  # default: repaint with --repaint, cover with --src-audio alone, else text2music
 
+    @classmethod
+    def text(cls, prompt: str, lyrics: str | None = None, bpm: int | None = None, keyscale: str | None = None,
+             timesignature: str | None = None, language: str | None = None, **settings) -> "GenerateRequest":
+        """A request from the prompt's texts (what the command line takes)."""
+        record = Record(key="generate", caption=prompt, lyrics=lyrics, bpm=bpm, keyscale=keyscale,
+                        timesignature=timesignature, language=language)
+        return cls(record, **settings)
+
     @property
     def chosen_task(self) -> str:
         if self.task:

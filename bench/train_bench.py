@@ -42,7 +42,7 @@ def step_time(steps: int = 60, clip_seconds: float = 20.0, batch: int = 2) -> di
     keyed randomness, checkpoint at the end) vs a plain loop (AdamW, same model, LoRA, data, loss)."""
     from acestep_dist.families.ace_step_15 import AceStep15
     from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
-    from acestep_dist.train.model import build_trainable
+    from acestep_dist.families.ace_step_15.training import build_trainable
     from pipelines.prep import run_prep
     from pipelines.train import run_train
 

@@ -15,6 +15,14 @@ from acestep_dist.convert import EXIT_OK, EXIT_PARTIAL, convert_dataset
 from acestep_dist.families.ace_step_15.prompts import lyric_prompt, text_prompt
 from acestep_dist.sources import load_source
 from acestep_dist.sources.base import make_key
+from acestep_dist.families import get as get_family
+
+SCHEMA = get_family("ace-step-1.5").schema
+
+def pack_tensors(latent_mean, latent_std, text_states, lyric_ids, alt_text_states=()):
+    """An ACE-Step 1.5 sample blob, as its family's schema packs it."""
+    return SCHEMA.pack({"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states,
+                        "lyric_ids": lyric_ids}, [{"text_states": states} for states in alt_text_states])
 
 AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt "  # never decoded here
 
@@ -137,12 +145,12 @@ def test_non_latin_file_names_keep_readable_unique_keys(tmp_path):
     import fsspec
     import torch
 
-    from acestep_dist.shards import EncodedSample, iter_samples, pack_tensors, shard_name, write_shard
+    from acestep_dist.shards import EncodedSample, iter_samples, shard_name, write_shard
 
     meta = {"duration": 1.0, "frames": 1, "text_tokens": 1, "lyric_tokens": 1, "source": "s", "offset": 0.0}
     blob = pack_tensors(torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.int32))
     write_shard(fsspec.filesystem("file"), str(tmp_path), 0, [EncodedSample(key, meta, blob) for key in keys],
-                [], [], "fingerprint", "plan")
+                [], [], "fingerprint", "plan", SCHEMA)
     with open(tmp_path / shard_name(0), "rb") as f:
         assert [sample["key"] for sample in iter_samples(f)] == keys
 

@@ -19,8 +19,8 @@ from acestep_dist.export import export
 from acestep_dist.families.ace_step_15 import AceStep15
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
 from acestep_dist.generate import GenerateRequest, generate
-from acestep_dist.train.layout import LORA_FILE
-from acestep_dist.train.model import build_trainable
+from acestep_dist.families.ace_step_15.training import LORA_FILE
+from acestep_dist.families.ace_step_15.training import build_trainable
 
 from conftest import TRAIN_COMMON
 
@@ -50,7 +50,7 @@ def _diffusers_render(model: Path, lora_dir: Path | None) -> torch.Tensor:
 
 
 def _ours(model: Path, out: Path, lora: str | None) -> torch.Tensor:
-    generate(str(model), GenerateRequest(**PROMPT), out, lora=lora, log=lambda _: None)
+    generate(str(model), GenerateRequest.text(**PROMPT), out, lora=lora, log=lambda _: None)
     audio, rate = read_audio_simple(out)
     assert rate == 48000
     return torch.from_numpy(audio).float()
@@ -174,18 +174,18 @@ def test_full_fine_tune_exports_load_in_diffusers_and_as_upstream(full_run, prep
 def test_a_lora_for_another_variant_or_size_fails_clearly(exported, tiny_base, tiny_xl, prep_model, tmp_path):
     lora = str(exported / "diffusers" / "pytorch_lora_weights.safetensors")
     with pytest.raises(UserError, match="trained on variant 'turbo', the model is 'base'"):
-        generate(str(tiny_base), GenerateRequest(**PROMPT), tmp_path / "a.wav", lora=lora, log=lambda _: None)
+        generate(str(tiny_base), GenerateRequest.text(**PROMPT), tmp_path / "a.wav", lora=lora, log=lambda _: None)
     comfy = exported / "comfyui" / "mylora.safetensors"  # strip the provenance: the shapes must still be checked
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(comfy), bare)
     with pytest.raises(UserError, match="another model size"):
-        generate(str(tiny_xl), GenerateRequest(**PROMPT), tmp_path / "b.wav", lora=str(bare), log=lambda _: None)
+        generate(str(tiny_xl), GenerateRequest.text(**PROMPT), tmp_path / "b.wav", lora=str(bare), log=lambda _: None)
     peft = tmp_path / "peft"
     shutil.copytree(exported / "peft", peft)
     config = json.loads((peft / "adapter_config.json").read_text())
     (peft / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
     with pytest.raises(UserError, match="rank 8, the adapter config says 4"):
-        generate(str(prep_model), GenerateRequest(**PROMPT), tmp_path / "c.wav", lora=str(peft), log=lambda _: None)
+        generate(str(prep_model), GenerateRequest.text(**PROMPT), tmp_path / "c.wav", lora=str(peft), log=lambda _: None)
 
 
 def test_cli_export_and_generate(reference_run, prep_model, tmp_path):

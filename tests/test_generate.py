@@ -46,7 +46,7 @@ def text_prompts(monkeypatch) -> list[str]:
 
 def test_repaint_and_cover_render_the_whole_source_and_the_metas_give_its_length(prep_model, song4s, tmp_path,
                                                                                    text_prompts):
-    repaint = GenerateRequest(prompt="calm piano", steps=2, src_audio=str(song4s), repaint=(2.5, 3.5))
+    repaint = GenerateRequest.text(prompt="calm piano", steps=2, src_audio=str(song4s), repaint=(2.5, 3.5))
     generate(str(prep_model), repaint, tmp_path / "repaint.wav", log=lambda _: None)
     repainted, rate = read_audio_simple(tmp_path / "repaint.wav")
     assert rate == RATE and repainted.shape == (2, 4 * RATE) and abs(repainted).max() > 0
@@ -54,7 +54,7 @@ def test_repaint_and_cover_render_the_whole_source_and_the_metas_give_its_length
     assert text_prompts[0].startswith("# Instruction\nRepaint the mask area based on the given conditions:\n")
 
     text_prompts.clear()
-    cover = GenerateRequest(prompt="calm piano", steps=2, src_audio=str(song4s), cover_strength=0.5)
+    cover = GenerateRequest.text(prompt="calm piano", steps=2, src_audio=str(song4s), cover_strength=0.5)
     generate(str(prep_model), cover, tmp_path / "cover.wav", log=lambda _: None)
     covered, _ = read_audio_simple(tmp_path / "cover.wav")
     assert covered.shape == (2, 4 * RATE) and abs(covered - repainted).max() > 1e-4
@@ -65,11 +65,11 @@ def test_repaint_and_cover_render_the_whole_source_and_the_metas_give_its_length
 
     # a source that is not a whole number of latent frames (1920 samples) is still covered to its last sample
     odd = _song(tmp_path / "odd.wav", 2.01)
-    generate(str(prep_model), GenerateRequest(prompt="calm", steps=1, src_audio=str(odd), repaint=(0.5, 2.01)),
+    generate(str(prep_model), GenerateRequest.text(prompt="calm", steps=1, src_audio=str(odd), repaint=(0.5, 2.01)),
              tmp_path / "odd-out.wav", log=lambda _: None)
     assert read_audio_simple(tmp_path / "odd-out.wav")[0].shape == (2, 96480)
     # a --duration that repeats the source's length is accepted (and changes nothing)
-    generate(str(prep_model), GenerateRequest(prompt="calm", steps=1, duration=2.0, src_audio=str(odd)),
+    generate(str(prep_model), GenerateRequest.text(prompt="calm", steps=1, duration=2.0, src_audio=str(odd)),
              tmp_path / "odd-cover.wav", log=lambda _: None)
     assert read_audio_simple(tmp_path / "odd-cover.wav")[0].shape == (2, 96480)
     assert "- duration: 2 seconds\n" in text_prompts[-1]
@@ -84,7 +84,7 @@ def test_cover_without_the_audio_codec_fails_clearly(prep_model, song4s, tmp_pat
     (no_codec / "model_index.json").write_text(json.dumps({k: v for k, v in index.items()
                                                            if k not in ("audio_tokenizer", "audio_token_detokenizer")}))
     with pytest.raises(UserError, match="cover with this model failed.*audio_tokenizer"):
-        generate(str(no_codec), GenerateRequest(prompt="calm", steps=2, src_audio=str(song4s)),
+        generate(str(no_codec), GenerateRequest.text(prompt="calm", steps=2, src_audio=str(song4s)),
                  tmp_path / "cover2.wav", log=lambda _: None)
 
 
@@ -110,7 +110,7 @@ def test_cli_refuses_a_duration_shorter_than_the_source_with_one_error_line(prep
 def test_a_repaint_range_or_duration_that_does_not_fit_the_source_is_refused(prep_model, song4s, tmp_path,
                                                                              request_args, message):
     with pytest.raises(UserError, match=message):
-        generate(str(prep_model), GenerateRequest(prompt="calm", src_audio=str(song4s), **request_args),
+        generate(str(prep_model), GenerateRequest.text(prompt="calm", src_audio=str(song4s), **request_args),
                  tmp_path / "x.wav", log=lambda _: None)
     assert not (tmp_path / "x.wav").exists()
 
@@ -126,11 +126,11 @@ def test_cli_refuses_a_repaint_range_beyond_the_source(song4s, tmp_path):
 
 def test_repaint_needs_a_source(prep_model, tmp_path):
     with pytest.raises(UserError, match="--repaint needs --src-audio"):
-        generate(str(prep_model), GenerateRequest(prompt="calm", duration=2.0, repaint=(0.1, 0.5)),
+        generate(str(prep_model), GenerateRequest.text(prompt="calm", duration=2.0, repaint=(0.1, 0.5)),
                  tmp_path / "x.wav", log=lambda _: None)
 
 
 def test_text2music_without_a_duration_renders_30_seconds(prep_model, tmp_path, text_prompts):
-    generate(str(prep_model), GenerateRequest(prompt="calm", steps=1), tmp_path / "t.wav", log=lambda _: None)
+    generate(str(prep_model), GenerateRequest.text(prompt="calm", steps=1), tmp_path / "t.wav", log=lambda _: None)
     assert read_audio_simple(tmp_path / "t.wav")[0].shape == (2, 30 * RATE)
     assert "- duration: 30 seconds\n" in text_prompts[0]

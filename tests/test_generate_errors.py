@@ -21,7 +21,8 @@ from acestep_dist.export import export
 from acestep_dist.families.ace_step_15 import AceStep15
 from acestep_dist.families.ace_step_15.lora_formats import LoraWeights, read_lora, write_diffusers, write_peft
 from acestep_dist.paths import existing_file_text
-from acestep_dist.train.layout import FINAL_DIR, LORA_FILE, STATE_FILE, TRANSFORMER_DIR
+from acestep_dist.families.ace_step_15.training import LORA_FILE, TRANSFORMER_DIR
+from acestep_dist.train.layout import FINAL_DIR, STATE_FILE
 
 
 @pytest.fixture(scope="module")

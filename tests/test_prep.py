@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from acestep_dist import faults
 import torch
 
 from acestep_dist.config import PrepConfig
@@ -134,9 +136,9 @@ def test_killed_prep_resumes_to_the_same_samples(tmp_path, corpus, prep_model, r
     assert run_prep(str(corpus / "music"), str(prep_model), str(reference), config, log=lambda _: None).exit_code == EXIT_OK
 
     out = tmp_path / "killed"
-    env = {**_env(), "ACEDIST_PREP_STALL_AFTER_SHARDS": "5"}  # the driver hangs before its 6th shard
+    env = {**_env(), faults.VARIABLE: faults.spec("prep.before_shard", shards_written=5)}  # hangs before its 6th shard
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.prep", str(corpus / "music"), "--model", str(prep_model), "--out", str(out),
+        [sys.executable, "-m", "acestep_dist.cli", "prep", str(corpus / "music"), "--model", str(prep_model), "--out", str(out),
          *settings], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

@@ -22,6 +22,8 @@ import av
 import numpy as np
 import pytest
 
+from acestep_dist import faults
+
 from acestep_dist.audio import probe_audio, write_audio
 from acestep_dist.config import PrepConfig
 from acestep_dist.errors import UserError
@@ -209,10 +211,10 @@ def test_a_second_prep_on_the_same_out_stops_while_the_first_runs(tmp_path, prep
     out = tmp_path / "out"
     nothing = _nothing_to_encode(tmp_path / "nothing")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_DATA_DISABLE_PROGRESS_BARS="1",
-               ACEDIST_PREP_STALL_AFTER_SHARDS="0")  # the first run hangs before its first shard
+               **{faults.VARIABLE: faults.spec("prep.before_shard", shards_written=0)})  # hangs before its first shard
     env.pop("RAY_ADDRESS", None)
     songs = _one_song(tmp_path / "songs")
-    first = subprocess.Popen([sys.executable, "-m", "pipelines.prep", songs, "--model",
+    first = subprocess.Popen([sys.executable, "-m", "acestep_dist.cli", "prep", songs, "--model",
                               str(prep_model), "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -330,7 +332,7 @@ def test_reruns_and_overwrite_delete_only_what_prep_wrote(mixed, tmp_path, prep_
     assert run_prep(shrunk, str(prep_model), str(out), config, log=quiet).exit_code == EXIT_PARTIAL
     assert shards() == {f"shard-{i:06d}.{ext}" for i in range(5) for ext in ("tar", "json")}
 
-    other_config = config.model_copy(update={"text_max_tokens": 100})
+    other_config = PrepConfig(**{**config.model_dump(), "text_max_tokens": 100})
     with pytest.raises(UserError, match="another model or prep config.*--overwrite"):
         run_prep(shrunk, str(prep_model), str(out), other_config, log=quiet)
     assert run_prep(SourceListing(), str(prep_model), str(out), other_config, overwrite=True,

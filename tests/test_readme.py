@@ -211,9 +211,9 @@ def test_final_lora_loads_in_diffusers_pipeline_at_scale_1(reference_run, prep_m
     theirs = pipe(prompt=prompt["prompt"], lyrics=prompt["lyrics"], audio_duration=1.0, vocal_language="en", bpm=90,
                   num_inference_steps=3, guidance_scale=1.0, shift=3.0,
                   generator=torch.Generator("cpu").manual_seed(5), output_type="pt").audios[0].float()
-    generate(str(prep_model), GenerateRequest(**prompt), tmp_path / "ours.wav", lora=str(lora), log=lambda _: None)
+    generate(str(prep_model), GenerateRequest.text(**prompt), tmp_path / "ours.wav", lora=str(lora), log=lambda _: None)
     ours = torch.from_numpy(read_audio_simple(tmp_path / "ours.wav")[0]).float()
-    generate(str(prep_model), GenerateRequest(**prompt), tmp_path / "base.wav", log=lambda _: None)
+    generate(str(prep_model), GenerateRequest.text(**prompt), tmp_path / "base.wav", log=lambda _: None)
     base = torch.from_numpy(read_audio_simple(tmp_path / "base.wav")[0]).float()
     assert (ours - theirs).abs().max() <= 1e-5 and (ours - base).abs().max() > 1e-3
 
@@ -341,18 +341,18 @@ def test_lora_presets_and_rslora_survive_every_export_format(prep_model, tmp_pat
     rsLoRA read back from each format acts on the DiT exactly as the trained adapter."""
     from acestep_dist.families.ace_step_15 import AceStep15
     from acestep_dist.families.ace_step_15.lora_formats import read_lora, write_comfyui, write_diffusers, write_peft
-    from acestep_dist.train.model import build_trainable, lora_weights
+    from acestep_dist.families.ace_step_15.training import build_trainable
 
     config = TrainConfig(**{**TRAIN_COMMON, "lora_preset": "attention+mlp", "use_rslora": True, "lora_rank": 4,
                             "lora_alpha": 8.0})
     family = AceStep15.load(str(prep_model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
-    build_trainable(family, config)
+    trainable = build_trainable(family, config)
     transformer = family.components.transformer
     with torch.no_grad():  # a non-zero adapter (B starts at zero)
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
-    weights = lora_weights(transformer, config, family.lora_targets("attention+mlp"))
+    weights = trainable.lora_weights()
     assert {"gate_proj", "up_proj", "down_proj", "to_q", "to_out.0"} <= set(weights.targets)
     files = {"diffusers": write_diffusers(weights, tmp_path / "diffusers"), "peft": write_peft(weights, tmp_path / "peft"),
              "comfyui": write_comfyui(weights, tmp_path / "comfyui" / "x.safetensors")}

@@ -19,7 +19,7 @@ from acestep_dist.demo import CLIPS, synthesize_clips
 from acestep_dist.families.ace_step_15 import AceStep15
 from acestep_dist.families.ace_step_15.lora_formats import read_lora, write_diffusers
 from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
-from acestep_dist.train.model import build_trainable, lora_weights
+from acestep_dist.families.ace_step_15.training import build_trainable
 
 from test_convert import save_upstream
 
@@ -52,7 +52,7 @@ def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path):
     config = TrainConfig(lora_rank=4, lora_alpha=4)
     family = AceStep15.load(str(work / "model"), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
     targets = family.lora_targets(config.lora_preset)
-    init = lora_weights(build_trainable(family, config).family.components.transformer, config, targets)
+    init = build_trainable(family, config).lora_weights()
     write_diffusers(init, work / "init")
 
     _acedist(tmp_path, "convert", "work/upstream", "--out", "work/songs.jsonl", "--audio-root", "work/audio")

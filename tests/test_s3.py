@@ -321,7 +321,7 @@ def test_export_of_a_full_fine_tune_from_s3_downloads_its_transformer_folder(s3,
 
     s3.put(str(full_run / "final"), f"{BUCKET}/runs/full/final", recursive=True)
     assert s3.isfile(f"{BUCKET}/runs/full/final/transformer/config.json")
-    export(f"s3://{BUCKET}/runs/full", tmp_path / "export", "diffusers", log=lambda _: None)
+    export(f"s3://{BUCKET}/runs/full", tmp_path / "export", "all", log=lambda _: None)
     local = load_file(full_run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     exported = load_file(tmp_path / "export" / "diffusers" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert local.keys() == exported.keys() and all(torch.equal(local[k], exported[k]) for k in local)

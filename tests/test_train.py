@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from acestep_dist import faults
 import torch
 
 from acestep_dist.audio import probe_audio
@@ -18,11 +20,14 @@ from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.families.ace_step_15 import AceStep15
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
-from acestep_dist.train.data import EpochPlan, SampleReader, index_shards
-from acestep_dist.train.model import build_trainable
+from acestep_dist.train.data import EpochPlan, SampleReader, open_training_data
+from acestep_dist.families.ace_step_15.training import build_trainable
 from pipelines.train import run_train
 
 from conftest import TRAIN_COMMON as COMMON  # the reference_run fixture's settings
+from acestep_dist.families import get as get_family
+
+SCHEMA = get_family("ace-step-1.5").schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +51,8 @@ def _eval_loss(model: Path, data: Path, init_lora: str | None) -> float:
     family = AceStep15.load(str(model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
     trainable = build_trainable(family, _config(init_lora=init_lora))
     trainable.module.eval()
-    refs = index_shards(str(data))
-    reader, plan = SampleReader(refs), EpochPlan(refs, 0, 1, 1, 1)
+    refs = open_training_data(str(data)).refs
+    reader, plan = SampleReader(refs, SCHEMA), EpochPlan(refs, 0, 1, 1, 1)
     losses = []
     with torch.no_grad():
         for position in range(plan.epoch_size):
@@ -108,9 +113,9 @@ def test_killed_run_resumes_exactly(reference_run, tmp_path, train_shards, prep_
     run = tmp_path / "killed"
     overrides = [f"{k}={v}" for k, v in {**COMMON, "train_batch_size": 2, "zero_stage": 2}.items()]
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.train", "--data", str(train_shards), "--model", str(prep_model),
+        [sys.executable, "-m", "acestep_dist.cli", "train", "--data", str(train_shards), "--model", str(prep_model),
          "--output", str(run), "--workers", "1", *overrides],
-        env=_env(ACEDIST_TRAIN_STALL_AFTER_STEP="5"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=_env(**{faults.VARIABLE: faults.spec("train.after_step", step=5, rank=0)}), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -140,7 +145,10 @@ def test_killed_run_resumes_exactly(reference_run, tmp_path, train_shards, prep_
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes(reference_run, tmp_path, train_shards, prep_model,
                                                           monkeypatch):
-    monkeypatch.setenv("ACEDIST_TRAIN_CRASH_AT_STEP", "7")  # the last worker SIGKILLs itself once, at step 7
+    # the last worker SIGKILLs itself once, at step 7 of the first launch (after 3 s: Ray's controller
+    # picks up reported checkpoints by polling)
+    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=3, step=7, micro=0, rank=1,
+                                                    first_step=0))
     run = tmp_path / "crash"
     result = run_train(_config(train_batch_size=1, zero_stage=2, max_failures=1), str(train_shards), str(prep_model),
                        str(run), workers=2, log=lambda _: None)
@@ -156,8 +164,8 @@ def test_a_batch_of_four_lengths_has_the_mean_loss_of_its_samples(train_shards, 
         for name, p in family.components.transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    refs = index_shards(str(train_shards))
-    reader, plan = SampleReader(refs), EpochPlan(refs, 0, 1, 1, 1)
+    refs = open_training_data(str(train_shards)).refs
+    reader, plan = SampleReader(refs, SCHEMA), EpochPlan(refs, 0, 1, 1, 1)
     samples = []
     for position, seconds in enumerate((2, 3.5, 5, 6)):
         sample = reader.read(plan.micro_batch_items(position, 0, 0)[0])

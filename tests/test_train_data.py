@@ -10,12 +10,15 @@ import torch
 
 from acestep_dist.config import PrepConfig
 from acestep_dist.errors import UserError
-from acestep_dist.train.data import EpochPlan, SampleReader, SampleRef, index_shards
+from acestep_dist.train.data import EpochPlan, SampleReader, SampleRef, open_training_data
 from pipelines.prep import EXIT_OK, run_prep
+from acestep_dist.families import get as get_family
+
+SCHEMA = get_family("ace-step-1.5").schema
 
 
 def _refs(repeats=(1, 1, 1, 1, 1, 1), alternatives=0) -> list[SampleRef]:
-    return [SampleRef(f"s{i}", "x.tar", 0, 0, 0, 0, r, alternatives, 10) for i, r in enumerate(repeats)]
+    return [SampleRef(f"s{i}", "x.tar", 0, 0, r, alternatives) for i, r in enumerate(repeats)]
 
 
 def _global_batches(plan: EpochPlan, steps: int) -> list[list[tuple[int, int]]]:
@@ -78,9 +81,9 @@ def test_the_reader_hands_out_the_sampled_caption_states(tmp_path, corpus, prep_
     out = tmp_path / "shards"
     assert run_prep(str(manifest), str(prep_model), str(out), PrepConfig(max_duration=2),
                     log=lambda _: None).exit_code == EXIT_OK
-    refs = index_shards(str(out))
+    refs = open_training_data(str(out)).refs
     assert [(r.key, r.alternatives) for r in refs] == [("song", 1)]
-    plan, reader = EpochPlan(refs, seed=4, micro_batch=1, accumulation=1, world_size=1), SampleReader(refs)
+    plan, reader = EpochPlan(refs, seed=4, micro_batch=1, accumulation=1, world_size=1), SampleReader(refs, SCHEMA)
     seen = {}
     for epoch in range(30):
         item = plan.micro_batch_items(epoch, 0, 0)[0]

@@ -278,7 +278,7 @@ class SampleReader:
         try:
             chosen = self.schema.for_caption(tensors, item.caption)
         except KeyError as missing:
-            raise ShardReadError(f"shard {ref.shard}, sample {ref.key!r} lacks tensor {missing}; "
+            raise ShardReadError(f"shard {ref.shard}, sample {ref.key!r} lacks tensor {missing.args[0]}; "
                                  f"run `acedist inspect` on the data") from None
         return {**chosen, "key": ref.key, "caption_index": item.caption}
 

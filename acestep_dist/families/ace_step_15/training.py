@@ -220,3 +220,12 @@ def legacy_weights(state: dict) -> list[str]:
     if (state.get("config") or {}).get("lyrics_embedder_train"):
         files.append(LYRIC_ENCODER_FILE)
     return files
+
+
+def build_trainable(family: AceStep15, config: TrainConfig) -> AceStep15Trainable:
+    """The trainable of ``config`` for code that works with ACE-Step 1.5 directly (its own keys in
+    ``config`` validated here, as the training pipeline does)."""
+    from ...config import family_options
+    from .interface import FAMILY
+
+    return AceStep15Trainable(family, config, family_options(config, FAMILY))
