@@ -244,14 +244,16 @@ def export(run, out, fmt, name) -> None:
 @click.option("--cover-strength", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.wav (float) or FILE.flac")
 def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps,
-             guidance, shift, seed, src_audio, repaint, cover_strength, out) -> None:
+             guidance, shift, seed, task, src_audio, repaint, cover_strength, out) -> None:
     """Render PROMPT (and lyrics) to audio with MODEL, optionally with a LoRA."""
-    from .generate import RenderRequest, generate as render
+    from .generate import GenerateRequest, generate as render
     from .paths import existing_file_text
 
     lyrics = existing_file_text(lyrics, option="--lyrics")
-    request = RenderRequest(prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps, guidance, shift,
-                              seed, src_audio, tuple(repaint) if repaint else None, cover_strength)
+    request = GenerateRequest.text(prompt, lyrics, bpm, keyscale, timesignature, language, duration=duration,
+                                   steps=steps, guidance=guidance, shift=shift, seed=seed, src_audio=src_audio,
+                                   repaint=tuple(repaint) if repaint else None, cover_strength=cover_strength,
+                                   task=task)
     render(model, request, out, lora=lora, lora_scale=lora_scale, log=click.echo)
 
 

@@ -9,14 +9,14 @@ the model is known (``family_options``).
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, explain_validation, suggest
+from .flow import sampler_parameter_problem
 
 
 class _Settings(BaseModel):
@@ -34,7 +34,7 @@ class _Settings(BaseModel):
             unknown = [key for key in extras if key not in known]
             if unknown:
                 everything = list(type(self).model_fields) + sorted(known)
-                raise ValueError("; ".join(f"unknown key {key!r}{_suggest(key, everything)}" for key in unknown))
+                raise ValueError("; ".join(f"unknown key {key!r}{suggest(key, everything)}" for key in unknown))
         return self
 
 
@@ -132,18 +132,6 @@ class TrainConfig(_Settings):
         return self
 
 
-_LOGIT_NORMAL = ("max-logit-normal", "logit-normal")
-
-
-def sampler_parameter_problem(sampler: str, config: "TrainConfig") -> str | None:
-    """Why the timestep_* settings do not fit ``sampler``, or None when they do."""
-    if sampler in _LOGIT_NORMAL and config.timestep_shift is not None:
-        return f"timestep_shift applies to the discrete-turbo and uniform samplers, not {sampler}"
-    if sampler not in _LOGIT_NORMAL and (config.timestep_mu is not None or config.timestep_sigma is not None):
-        return f"timestep_mu / timestep_sigma apply to the logit-normal samplers, not {sampler}"
-    return None
-
-
 Settings = TypeVar("Settings", bound=_Settings)
 
 
@@ -160,25 +148,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             overrides[key] = raw
     return overrides
-
-
-def _suggest(key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _explain(error: ValidationError, cls: type[_Settings], source: str) -> ConfigError:
-    known = list(cls.model_fields)
-    lines = []
-    for problem in error.errors():
-        location = ".".join(str(part) for part in problem["loc"])
-        if problem["type"] == "extra_forbidden":
-            lines.append(f"unknown key {location!r}{_suggest(location, known)}")
-        elif location:
-            lines.append(f"{location}: {problem['msg']} (got {problem.get('input')!r})")
-        else:
-            lines.append(problem["msg"].removeprefix("Value error, "))
-    return ConfigError(f"{source}: " + "; ".join(lines))
 
 
 def load_config(
@@ -207,18 +176,5 @@ def load_config(
     try:
         return cls.model_validate(data)
     except ValidationError as error:
-        raise _explain(error, cls, source) from None
+        raise explain_validation(error, list(cls.model_fields), source) from None
 
-
-def family_options(config: _Settings, family):
-    """The family's own keys of ``config``, validated by the family (``FamilyOptions``)."""
-    cls = getattr(family, config.family_options_attribute)
-    extras = dict(config.model_extra or {})
-    foreign = [key for key in extras if key not in cls.model_fields]
-    if foreign:
-        raise ConfigError(f"{', '.join(map(repr, foreign))}: not a setting of the model family {family.name} "
-                          f"(its own keys: {', '.join(cls.model_fields) or 'none'})")
-    try:
-        return cls.model_validate(extras)
-    except ValidationError as error:
-        raise _explain(error, cls, f"{family.name} settings") from None

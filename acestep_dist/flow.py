@@ -129,3 +129,15 @@ def masked_mse_per_sample(prediction: torch.Tensor, target: torch.Tensor, frame_
 def per_sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per sample (CPU so draws are identical on every device)."""
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+_LOGIT_NORMAL = ("max-logit-normal", "logit-normal")
+
+
+def sampler_parameter_problem(sampler: str, config) -> str | None:
+    """Why the timestep_* settings do not fit ``sampler``, or None when they do."""
+    if sampler in _LOGIT_NORMAL and config.timestep_shift is not None:
+        return f"timestep_shift applies to the discrete-turbo and uniform samplers, not {sampler}"
+    if sampler not in _LOGIT_NORMAL and (config.timestep_mu is not None or config.timestep_sigma is not None):
+        return f"timestep_mu / timestep_sigma apply to the logit-normal samplers, not {sampler}"
+    return None

@@ -28,7 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 from acestep_dist.audio import decode_window, probe_audio  # noqa: E402
 from acestep_dist.config import PrepConfig  # noqa: E402
-from acestep_dist.shards import EncodedSample, pack_tensors, write_shard  # noqa: E402
+from acestep_dist.families import get as get_family  # noqa: E402
+from acestep_dist.shards import EncodedSample, write_shard  # noqa: E402
+
+ACE15 = get_family("ace-step-1.5")
+
+
+def pack_tensors(latent_mean, latent_std, text_states, lyric_ids):
+    """An ACE-Step 1.5 sample blob, as its schema packs it."""
+    return ACE15.schema.pack({"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states,
+                              "lyric_ids": lyric_ids})
 from acestep_dist.sources import load_source  # noqa: E402
 
 REAL_LATENT_DIM, REAL_TEXT_DIM, FRAMES_PER_SECOND = 64, 1024, 25
@@ -56,7 +65,7 @@ def cpu_stage() -> dict:
             meta = {"duration": window.duration, "frames": frames, "text_tokens": 100, "lyric_tokens": 200,
                     "source": record.audio, "offset": 0.0}
             samples.append(EncodedSample(record.key, meta, blob))
-        write_shard(fs, out, 0, samples, [], [], "bench", "bench")
+        write_shard(fs, out, 0, samples, [], [], "bench", "bench", ACE15.schema)
         cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
     return {"audio_seconds": round(audio_seconds, 1), "cpu_seconds": round(cpu, 2), "wall_seconds": round(wall, 2),
             "realtime_per_core": round(audio_seconds / cpu, 1)}
@@ -67,7 +76,7 @@ def ray_speedup(model: str, overrides: list[str], repeat: int = 1) -> dict:
     process and with Ray on 2 CPUs."""
     import fsspec
 
-    from acestep_dist.prep import LatentEncoder, TextEncoder, decode_row, plan_windows
+    from acestep_dist.prep import AudioEncoder, TextEncoder, decode_row, plan_windows
 
     config = PrepConfig(shard_size_mb=1000)
     songs = load_source(CORPUS / "music", config).records
@@ -79,19 +88,20 @@ def ray_speedup(model: str, overrides: list[str], repeat: int = 1) -> dict:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    latents, texts = LatentEncoder(model, device="cpu"), TextEncoder(model, config, device="cpu")
+    latents = AudioEncoder(ACE15.name, model, device="cpu")
+    texts = TextEncoder(ACE15.name, model, config, {}, device="cpu")
     encoded = [latents(decode_row(w, config, 48000)) for row in rows for w in plan_windows(row, config)]
     batch = {k: np.array([r[k] for r in encoded], dtype=object) for k in encoded[0]}
     out = texts(batch)
     with tempfile.TemporaryDirectory() as folder:
         samples = [EncodedSample(out["key"][i], json.loads(out["meta"][i]), out["tensors"][i]) for i in range(len(encoded))]
-        write_shard(fsspec.filesystem("file"), folder, 0, samples, [], [], "bench", "bench")
+        write_shard(fsspec.filesystem("file"), folder, 0, samples, [], [], "bench", "bench", ACE15.schema)
     plain = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as folder:
         env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipelines.prep", str(manifest), "--model", model, "--out", folder,
+        subprocess.run([sys.executable, "-m", "acestep_dist.cli", "prep", str(manifest), "--model", model, "--out", folder,
                         "shard_size_mb=1000", *overrides], check=True, env=env, cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with_ray = time.perf_counter() - start
@@ -113,7 +123,7 @@ def shard_bytes() -> dict:
             meta = {"caption": "x" * 120, "lyrics": "y" * 1500, "duration": 60.0, "frames": frames,
                     "text_tokens": text_tokens, "lyric_tokens": lyric_tokens, "source": "/data/songs/a.flac",
                     "offset": 0.0, "sha256": "0" * 64}
-            marker = write_shard(fs, out, text_tokens, [EncodedSample("a", meta, blob)] * 10, [], [], "b", "b")
+            marker = write_shard(fs, out, text_tokens, [EncodedSample("a", meta, blob)] * 10, [], [], "b", "b", ACE15.schema)
             results[f"text {text_tokens} + lyrics {lyric_tokens} tokens"] = round(marker.bytes / 10 / 1e6, 3)
     return {"mb_per_60s_clip": results}
 
@@ -168,9 +178,7 @@ def main() -> None:
         _rss_child(args.args[0], float(args.args[1]), float(args.args[2]))
         return
     if args.which == "ray-speedup" and not args.model:
-        from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
-
-        args.model = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", latent_dim=args.latent_dim))
+        args.model = str(ACE15.write_tiny(Path(tempfile.mkdtemp()) / "tiny", "turbo", latent_dim=args.latent_dim))
     runners = {"cpu-stage": cpu_stage, "shard-bytes": shard_bytes, "worker-rss": worker_rss,
                "ray-speedup": lambda: ray_speedup(args.model, args.args, args.repeat)}
     print(json.dumps({args.which: runners[args.which]()}, indent=1))

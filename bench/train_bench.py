@@ -23,8 +23,17 @@ CORPUS = Path(os.environ.get("ACESTEP_CORPUS", ROOT.parent / "shared" / "corpus"
 sys.path.insert(0, str(ROOT))
 
 from acestep_dist.config import PrepConfig, TrainConfig  # noqa: E402
-from acestep_dist.shards import EncodedSample, pack_tensors, write_shard  # noqa: E402
-from acestep_dist.train.data import EpochPlan, SampleReader, index_shards  # noqa: E402
+from acestep_dist.families import get as get_family  # noqa: E402
+from acestep_dist.shards import EncodedSample, write_shard  # noqa: E402
+
+ACE15 = get_family("ace-step-1.5")
+
+
+def pack_tensors(latent_mean, latent_std, text_states, lyric_ids):
+    """An ACE-Step 1.5 sample blob, as its schema packs it."""
+    return ACE15.schema.pack({"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states,
+                              "lyric_ids": lyric_ids})
+from acestep_dist.train.data import EpochPlan, SampleReader, open_training_data  # noqa: E402
 
 REAL_LATENT_DIM, REAL_TEXT_DIM, FRAMES_PER_SECOND = 64, 1024, 25
 
@@ -40,26 +49,23 @@ def _tb_scalars(folder: Path, tag: str) -> list[float]:
 def step_time(steps: int = 60, clip_seconds: float = 20.0, batch: int = 2) -> dict:
     """Steady-state seconds per optimizer step: acedist train (Ray Train worker, DeepSpeed ZeRO-2,
     keyed randomness, checkpoint at the end) vs a plain loop (AdamW, same model, LoRA, data, loss)."""
-    from acestep_dist.families.ace_step_15 import AceStep15
-    from acestep_dist.families.ace_step_15.tiny import write_tiny_checkpoint
-    from acestep_dist.families.ace_step_15.training import build_trainable
     from pipelines.prep import run_prep
     from pipelines.train import run_train
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    model = write_tiny_checkpoint(work / "model", latent_dim=4)
+    model = ACE15.write_tiny(work / "model", "turbo", latent_dim=4)
     run_prep(str(CORPUS / "music"), str(model), str(work / "shards"), PrepConfig(max_duration=clip_seconds),
              log=lambda _: None)
     config = TrainConfig(max_train_steps=steps, train_batch_size=batch, gradient_accumulation_steps=1,
                          checkpointing_steps=steps, log_interval=10, lr_warmup_steps=0, zero_stage=2)
 
     # bare loop: the same family loss, LoRA and data reader, no Ray, no DeepSpeed
-    family = AceStep15.load(str(model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
-    trainable = build_trainable(family, config)
+    family = ACE15.load(ACE15.describe(str(model)), "train")
+    trainable = family.trainable(config, ACE15.train_options())
     optimizer = torch.optim.AdamW([p for g in trainable.param_groups for p in g["params"]], lr=config.learning_rate)
-    refs = index_shards(str(work / "shards"))
-    plan, reader = EpochPlan(refs, 0, batch, 1, 1), SampleReader(refs)
+    refs = open_training_data(str(work / "shards")).refs
+    plan, reader = EpochPlan(refs, 0, batch, 1, 1), SampleReader(refs, ACE15.schema)
     times = []
     for step in range(steps):
         start = time.perf_counter()
@@ -84,8 +90,6 @@ def loader(samples: int = 256, clip_seconds: float = 60.0, batch: int = 8) -> di
     holding real-size samples: latents [1500, 64] mean + std, text [100, 1024], lyrics 300 ids."""
     import fsspec
 
-    from acestep_dist.families.ace_step_15 import AceStep15
-
     frames = int(clip_seconds * FRAMES_PER_SECOND)
     with tempfile.TemporaryDirectory() as out:
         fs = fsspec.filesystem("file")
@@ -100,14 +104,15 @@ def loader(samples: int = 256, clip_seconds: float = 60.0, batch: int = 8) -> di
                 meta = {"caption": "c", "lyrics": "l", "duration": clip_seconds, "frames": frames, "text_tokens": 100,
                         "lyric_tokens": 300, "source": "a.flac", "offset": 0.0, "sha256": "0"}
                 encoded.append(EncodedSample(key, meta, blob))
-            marker = write_shard(fs, out, shard, encoded, [], [], "bench", "bench")
+            marker = write_shard(fs, out, shard, encoded, [], [], "bench", "bench", ACE15.schema)
             manifest += marker.samples
         with open(f"{out}/manifest.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in manifest)
         refs = index_shards(out)
-        plan, reader = EpochPlan(refs, 0, batch, 1, 1), SampleReader(refs)
-        family = AceStep15.__new__(AceStep15)
-        family.components = type("C", (), {"tokenizer": None})()  # collate needs only the pad id
+        plan, reader = EpochPlan(refs, 0, batch, 1, 1), SampleReader(refs, ACE15.schema)
+        # the family as training loads it (collate pads lyrics with its tokenizer's pad id)
+        tiny = ACE15.write_tiny(Path(out) / "model", "turbo")
+        family = ACE15.load(ACE15.describe(str(tiny)), "train")
         for _ in range(2):  # the second pass is the measured one: page cache warm, as in epoch 2+
             start = time.perf_counter()
             for step in range(plan.steps_per_epoch):

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from acestep_dist.audio import probe_audio
 from acestep_dist import faults
-from acestep_dist.config import PrepConfig, family_options
+from acestep_dist.config import PrepConfig
 from acestep_dist.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL
 from acestep_dist.families import Family, ModelDescription, open_model, plugin_env
 from acestep_dist.paths import local_or_hub, local_path
@@ -241,7 +241,7 @@ def run_prep(
         output = OutputFolder(fs, root, out, log)
         output.check_ownership(overwrite)  # before anything is written there
         family, description = open_model(model)
-        options = family_options(config, family)
+        options = family.options(config)
         fingerprint = _fingerprint(family, description, config, options)
         output.check_family(family.schema.identity(), overwrite)
         output.check_fingerprint(fingerprint, overwrite)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from acestep_dist import faults
-from acestep_dist.config import TrainConfig, family_options
+from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.families import open_model, plugin_env
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
@@ -142,7 +142,7 @@ def run_train(
     config = resolve_config_paths(config)
     # everything that can be checked here is, before any worker starts: errors name the file
     family, description = open_model(model)  # configs only, no weights (a hub id resolves once here)
-    options = family_options(config, family)
+    options = family.options(config)
     recipe = family.check_training(description, config, options)
     training = open_training_data(data)
     if training.family != family.name:

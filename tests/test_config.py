@@ -73,13 +73,12 @@ def test_parse_overrides_reads_yaml_scalars():
 
 def test_family_keys_are_accepted_while_reading_and_validated_by_their_family():
     """lyrics_embedder_* are ACE-Step 1.5's keys: a config reads them, the family checks them."""
-    from acestep_dist.config import family_options
     from acestep_dist.families import get
 
     config = load_config(TrainConfig, None, ["lyrics_embedder_lr=1e-5"])
     with pytest.raises(ConfigError, match="lyrics_embedder_train is false"):
-        family_options(config, get("ace-step-1.5"))
-    options = family_options(load_config(TrainConfig, None, ["lyrics_embedder_train=true"]), get("ace-step-1.5"))
+        get("ace-step-1.5").options(config)
+    options = get("ace-step-1.5").options(load_config(TrainConfig, None, ["lyrics_embedder_train=true"]))
     assert options.lyrics_embedder_train and options.lyrics_embedder_lr is None
     with pytest.raises(ConfigError, match=r"unknown key 'lyrics_embeder_train' \(did you mean 'lyrics_embedder_train'"):
         load_config(TrainConfig, None, ["lyrics_embeder_train=true"])

@@ -7,7 +7,7 @@ for every family's choices (``families``) and hold only the ``Family`` / ``Famil
 - installed packages through the entry-point group ``acestep_dist.families`` (an entry point names
   a ``Family`` instance or class), or
 - ``ACEDIST_FAMILIES=module:attribute[,module:attribute]`` for a module on the path (a family
-  under development; the tests' toy family). Training forwards this one variable to Ray workers,
+  under development; the tests' example family). Training forwards this one variable to Ray workers,
   so a worker finds the same families as the driver.
 """
 

@@ -13,7 +13,8 @@ A family is two objects:
 
 The stages (prep, shards, train, export, generate, the CLI) only ever hold these objects; they
 never import a family's folder. Adding a family = a folder implementing these two classes plus
-one ``register`` call (``tests/toy_family.py`` is a worked example of about 300 lines).
+one ``register`` call (the test suite registers a worked example, a family of some 450 lines that
+lives only under ``tests/``, unknown to every file here).
 """
 
 from __future__ import annotations
@@ -320,6 +321,24 @@ class Family(ABC):
                     formats: Sequence[str]) -> tuple[list[Path], str]:
         """Write the base model with the trained weights swapped in; return the files and README text."""
         raise NotImplementedError(f"{self.name} has no full-weight export")
+
+    def options(self, config) -> FamilyOptions:
+        """This family's own keys of a prep or train config (``prep_options`` / ``train_options``),
+        validated; a key of another family is named."""
+        from pydantic import ValidationError
+
+        from ..errors import ConfigError, explain_validation
+
+        cls = getattr(self, config.family_options_attribute)
+        extras = dict(config.model_extra or {})
+        foreign = [key for key in extras if key not in cls.model_fields]
+        if foreign:
+            raise ConfigError(f"{', '.join(map(repr, foreign))}: not a setting of the model family {self.name} "
+                              f"(its own keys: {', '.join(cls.model_fields) or 'none'})")
+        try:
+            return cls.model_validate(extras)
+        except ValidationError as error:
+            raise explain_validation(error, list(cls.model_fields), f"{self.name} settings") from None
 
     def variant_name(self, name: str) -> str:
         name = self.variant_aliases.get(name, name)

@@ -13,7 +13,7 @@ from .interface import FAMILY
 _LAZY = {
     "AceStep15": "family", "LatentStats": "family", "TrainingBatch": "family",
     "ALL_PARTS": "loading", "AceStep15Components": "loading", "load_components": "loading",
-    "VARIANT_NAMES": "interface", "VariantSpec": "variants", "detect_variant": "variants", "variant_spec": "variants",
+    "VARIANT_NAMES": "options", "VariantSpec": "variants", "detect_variant": "variants", "variant_spec": "variants",
 }
 
 __all__ = ["FAMILY", *_LAZY]

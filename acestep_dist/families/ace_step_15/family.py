@@ -18,9 +18,8 @@ from ...flow import TrainingRecipe, cfg_dropout_mask, masked_mse_per_sample, noi
 from ...records import Record
 from . import prompts
 from .attention import install_padding_masks
-from .interface import LORA_PRESETS
 from .loading import ALL_PARTS, AceStep15Components, load_components
-from .options import PrepOptions
+from .options import LORA_PRESETS, PrepOptions
 from .pipeline import AceStepRowPipeline, tokenize
 from .variants import VariantSpec
 

@@ -11,12 +11,9 @@ from typing import Any, Sequence
 
 from ...errors import UserError
 from ..base import Family, FamilyModel, RenderRequest, ModelDescription, SampleSchema, TensorSpec
-from .options import PrepOptions, TrainOptions
+from .options import LORA_PRESETS, VARIANT_NAMES, PrepOptions, TrainOptions
 
 NAME = "ace-step-1.5"
-VARIANT_NAMES = (
-    "turbo", "turbo-shift1", "turbo-shift3", "turbo-continuous", "base", "sft", "xl-turbo", "xl-base", "xl-sft",
-)
 SCHEMA = SampleSchema(NAME, 1, (
     # the VAE posterior [T, C]: training draws mean + std * eps every step
     TensorSpec("latent_mean", "bfloat16", "frames"),
@@ -26,11 +23,6 @@ SCHEMA = SampleSchema(NAME, 1, (
     # token ids of the lyric prompt; the condition encoder embeds them at training time
     TensorSpec("lyric_ids", "int32", "lyric_tokens"),
 ))
-LORA_PRESETS = {
-    # diffusers module names; upstream calls them q_proj k_proj v_proj o_proj
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention+mlp": ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "down_proj"),
-}
 # which components each purpose loads
 PURPOSE_PARTS = {
     "encode-audio": ("vae",),

@@ -1,10 +1,20 @@
-"""ACE-Step 1.5's own config keys (validated by the family; the general keys are in config.py)."""
+"""ACE-Step 1.5's declarations: its variants, LoRA presets and own config keys (validated by the
+family; the general keys are in config.py). Plain data, cheap to import."""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
 from ..base import FamilyOptions
+
+VARIANT_NAMES = (
+    "turbo", "turbo-shift1", "turbo-shift3", "turbo-continuous", "base", "sft", "xl-turbo", "xl-base", "xl-sft",
+)
+LORA_PRESETS = {
+    # diffusers module names; upstream calls them q_proj k_proj v_proj o_proj
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+mlp": ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 class PrepOptions(FamilyOptions):

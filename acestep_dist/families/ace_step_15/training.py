@@ -1,5 +1,8 @@
 """What an ACE-Step 1.5 training worker optimises: the DiT (LoRA or full), optionally the lyric
-encoder, and the frozen rest of the condition path, wrapped as one module for DeepSpeed."""
+encoder, and the frozen rest of the condition path, wrapped as one module for DeepSpeed.
+
+``config`` below is always an ``acestep_dist.config.TrainConfig`` (its general keys), ``options``
+the family's own ``TrainOptions``."""
 
 from __future__ import annotations
 
@@ -8,9 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ...config import TrainConfig, sampler_parameter_problem
 from ...errors import UserError
-from ...flow import TrainingRecipe
+from ...flow import TrainingRecipe, sampler_parameter_problem
 from ..base import RenderRequest, Trainable
 from .family import AceStep15, TrainingBatch
 from .lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
@@ -43,7 +45,7 @@ class FlowMatchingModule(torch.nn.Module):
         return self.family[0].training_loss(batch, generators, self.lyric_embedding, self.null_condition, self.recipe)
 
 
-def training_recipe(variant: VariantSpec, config: TrainConfig) -> TrainingRecipe:
+def training_recipe(variant: VariantSpec, config) -> TrainingRecipe:
     """The run's timestep sampler and CFG dropout: the variant's upstream recipe unless the config
     names its own."""
     sampler = config.timestep_sampler or variant.default_sampler
@@ -55,21 +57,21 @@ def training_recipe(variant: VariantSpec, config: TrainConfig) -> TrainingRecipe
 
 
 def lora_targets(preset: str) -> tuple[str, ...]:
-    from .interface import LORA_PRESETS
+    from .options import LORA_PRESETS
 
     if preset not in LORA_PRESETS:
         raise UserError(f"lora_preset {preset!r} is not one of ACE-Step 1.5's: {', '.join(LORA_PRESETS)}")
     return LORA_PRESETS[preset]
 
 
-def lora_config(config: TrainConfig, targets: Sequence[str]):
+def lora_config(config, targets: Sequence[str]):
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
 
 
-def _check_init_lora(weights: LoraWeights, config: TrainConfig, targets: Sequence[str], path: str) -> None:
+def _check_init_lora(weights: LoraWeights, config, targets: Sequence[str], path: str) -> None:
     problems = []
     if weights.rank != config.lora_rank:
         problems.append(f"rank {weights.rank} (lora_rank is {config.lora_rank})")
@@ -93,7 +95,7 @@ def read_init_lora(path: str) -> LoraWeights:
         raise UserError(f"init_lora {path} cannot be read as a LoRA: {type(error).__name__}: {error}") from None
 
 
-def check_training(transformer_config: dict, variant: VariantSpec, config: TrainConfig,
+def check_training(transformer_config: dict, variant: VariantSpec, config,
                    options: TrainOptions) -> TrainingRecipe:
     """On the driver, before any worker starts: the recipe, the LoRA preset, and ``init_lora``
     readable and fitting the run's rank, alpha, preset and the model's DiT. The DiT is built on the
@@ -120,7 +122,7 @@ class AceStep15Trainable(Trainable):
     """Freezes everything, then opens what the config trains: LoRA adapters (optionally initialised
     from ``init_lora``) or the whole DiT, and optionally the lyric encoder with its own rate."""
 
-    def __init__(self, family: AceStep15, config: TrainConfig, options: TrainOptions):
+    def __init__(self, family: AceStep15, config, options: TrainOptions):
         from peft import set_peft_model_state_dict
 
         self.family, self.config, self.options = family, config, options
@@ -222,10 +224,7 @@ def legacy_weights(state: dict) -> list[str]:
     return files
 
 
-def build_trainable(family: AceStep15, config: TrainConfig) -> AceStep15Trainable:
+def build_trainable(family: AceStep15, config) -> AceStep15Trainable:
     """The trainable of ``config`` for code that works with ACE-Step 1.5 directly (its own keys in
     ``config`` validated here, as the training pipeline does)."""
-    from ...config import family_options
-    from .interface import FAMILY
-
-    return AceStep15Trainable(family, config, family_options(config, FAMILY))
+    return AceStep15Trainable(family, config, TrainOptions.model_validate(config.model_extra or {}))

@@ -20,7 +20,7 @@ from ...flow import (
     UniformTimesteps,
 )
 
-from .interface import VARIANT_NAMES
+from .options import VARIANT_NAMES
 
 # The real DiT is 2048 wide; XL DiTs are wider than the condition encoder that feeds them.
 _XL_MIN_HIDDEN = 2560
