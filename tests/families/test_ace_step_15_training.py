@@ -58,6 +58,31 @@ def test_padded_batch_loss_is_mean_of_single_sample_losses(tiny_base):
     assert loss.item() > 0
 
 
+def test_padding_masks_hold_for_one_forward_and_its_checkpointed_recompute(tiny_base):
+    """The masks are set for one DiT forward only (nothing stale for the next call), and activation
+    checkpointing recomputes the blocks with them: a padded batch's gradients with checkpointing equal
+    those without (they would not if the recompute ran unmasked)."""
+    from acestep_dist.families.ace_step_15.attention import install_padding_masks
+
+    def grads(checkpointing: bool):
+        family = AceStep15.load(tiny_base)
+        transformer = family.components.transformer
+        transformer.requires_grad_(True).train()
+        if checkpointing:
+            transformer.enable_gradient_checkpointing(install_padding_masks(transformer).checkpoint)
+        samples = _samples(family, seconds=(2.0, 0.8))
+        loss, _, _ = family.training_loss(family.collate(samples), per_sample_generators([3, 4]))
+        masks = install_padding_masks(transformer)
+        assert masks.latent is None and masks.condition is None  # nothing left set after the forward
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = grads(False)
+    checkpointed_loss, checkpointed = grads(True)
+    assert torch.allclose(plain_loss, checkpointed_loss, atol=1e-6) and plain.keys() == checkpointed.keys()
+    assert max((plain[n] - checkpointed[n]).abs().max().item() for n in plain) <= 1e-5
+
+
 def test_cfg_dropout_replaces_the_whole_condition_with_the_null_embedding(tiny_base):
     """Base drops 15 % of conditions: find a seed that drops and check the loss then ignores the text."""
     family = AceStep15.load(tiny_base)

@@ -2,29 +2,47 @@
 
 diffusers' DiT masks nothing: padded latent frames reach its self-attention and padded condition
 tokens its cross-attention. ``PaddingMaskProcessor`` wraps diffusers' own attention processor and
-adds key-padding masks that the training loop sets once per forward (the DiT's ``forward`` has no
-argument to carry them). The masks stay set until the next ``set`` or ``clear`` so that activation
-checkpointing recomputes the same forward during backward.
+adds key-padding masks. The DiT's ``forward`` has no argument to carry them, so they are set for
+exactly one forward (``with masks.applied(...)``) and nothing is left set after it: a later call
+(sampling, another batch) sees no stale masks. Under activation checkpointing the blocks run again
+during backward, after the ``with`` has ended; ``masks.checkpoint`` (the DiT's checkpointing
+function) replays each block with the masks its forward saw.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from diffusers.models.transformers.ace_step_transformer import AceStepAttnProcessor2_0
 
 
 class PaddingMasks:
-    """Key masks shared by every attention module of one DiT: ``[B, T_patches]`` and ``[B, L]``, True = real."""
+    """Key masks shared by every attention module of one DiT: ``[B, T_patches]`` and ``[B, L]``, True = real;
+    None outside a forward."""
 
     def __init__(self) -> None:
         self.latent: torch.Tensor | None = None
         self.condition: torch.Tensor | None = None
 
-    def set(self, latent: torch.Tensor | None, condition: torch.Tensor | None) -> None:
+    @contextmanager
+    def applied(self, latent: torch.Tensor | None, condition: torch.Tensor | None):
+        saved = self.latent, self.condition
         self.latent, self.condition = latent, condition
+        try:
+            yield self
+        finally:
+            self.latent, self.condition = saved
 
-    def clear(self) -> None:
-        self.set(None, None)
+    def checkpoint(self, block, *args):
+        """Activation checkpointing of one block that recomputes it with the masks of this forward."""
+        latent, condition = self.latent, self.condition
+
+        def run(*inputs):
+            with self.applied(latent, condition):
+                return block(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def _with_key_mask(mask: torch.Tensor | None, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,14 +65,15 @@ class PaddingMaskProcessor(AceStepAttnProcessor2_0):
             if keys.shape != kv.shape[:2]:
                 raise RuntimeError(
                     f"padding mask {tuple(keys.shape)} does not fit the attention keys {tuple(kv.shape[:2])}; "
-                    "call masks.clear() before running the DiT on other inputs"
+                    "the masks were applied to another forward than this one"
                 )
             attention_mask = _with_key_mask(attention_mask, keys.to(kv.device), hidden_states.dtype)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
 def install_padding_masks(transformer) -> PaddingMasks:
-    """Put a masking processor on every attention module of ``transformer``; return their shared masks."""
+    """Put a masking processor on every attention module of ``transformer`` (once), and make its
+    activation checkpointing replay the masks; return the shared masks."""
     existing = getattr(transformer, "_acedist_padding_masks", None)
     if existing is not None:
         return existing
@@ -64,5 +83,7 @@ def install_padding_masks(transformer) -> PaddingMasks:
         block.self_attn.set_processor(processor)
         if getattr(block, "use_cross_attention", False):
             block.cross_attn.set_processor(processor)
-    transformer._acedist_padding_masks = masks
+    transformer._acedist_padding_masks = masks  # the processors' masks, found again by the next forward
+    if getattr(transformer, "gradient_checkpointing", False):
+        transformer.enable_gradient_checkpointing(masks.checkpoint)
     return masks

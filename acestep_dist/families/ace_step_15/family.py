@@ -255,20 +255,18 @@ class AceStep15:
         context = self.context_latents(T, B).to(device, dtype) * frames
         patch = int(transformer.config.patch_size)
         patches = -(-T // patch)
-        masks = install_padding_masks(transformer)
-        masks.set(
-            latent=torch.arange(patches, device=device)[None, :] < (batch.frame_mask.sum(dim=1, keepdim=True) + patch - 1) // patch,
-            condition=condition_mask.bool(),
-        )
+        real_patches = torch.arange(patches, device=device)[None, :] < (
+            batch.frame_mask.sum(dim=1, keepdim=True) + patch - 1) // patch
         t_in = t.to(device=device, dtype=dtype)
-        prediction = transformer(
-            hidden_states=x_t.to(dtype) * frames,
-            timestep=t_in,
-            timestep_r=t_in,  # r = t: plain flow matching, no mean-flow
-            encoder_hidden_states=condition.to(dtype),
-            context_latents=context,
-            return_dict=False,
-        )[0]
+        with install_padding_masks(transformer).applied(latent=real_patches, condition=condition_mask.bool()):
+            prediction = transformer(
+                hidden_states=x_t.to(dtype) * frames,
+                timestep=t_in,
+                timestep_r=t_in,  # r = t: plain flow matching, no mean-flow
+                encoder_hidden_states=condition.to(dtype),
+                context_latents=context,
+                return_dict=False,
+            )[0]
         per_sample = masked_mse_per_sample(prediction, target, batch.frame_mask)
         return per_sample.mean(), per_sample, t
 
@@ -285,8 +283,6 @@ class AceStep15:
         self._require("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer")
         # ACE-Step passes its own shifted sigmas in [0, 1]; the scheduler must not shift them again.
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
-        if c.transformer is not None and getattr(c.transformer, "_acedist_padding_masks", None) is not None:
-            c.transformer._acedist_padding_masks.clear()  # sampling feeds unpadded single prompts
         pipe = AceStepRowPipeline(
             vae=c.vae,
             text_encoder=c.text_encoder,

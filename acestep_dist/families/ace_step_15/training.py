@@ -14,6 +14,7 @@ import torch
 from ...errors import UserError
 from ...flow import TrainingRecipe, sampler_parameter_problem
 from ..base import RenderRequest, Trainable
+from .attention import install_padding_masks
 from .family import AceStep15, TrainingBatch
 from .lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
 from .options import TrainOptions
@@ -160,8 +161,8 @@ class AceStep15Trainable(Trainable):
         transformer.train()
         # dropout and grad tracking in the condition path only when part of it trains
         condition_encoder.train(options.lyrics_embedder_train)
-        if config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        if config.gradient_checkpointing:  # recomputed blocks need the forward's padding masks
+            transformer.enable_gradient_checkpointing(install_padding_masks(transformer).checkpoint)
         if self.trainable_parameters == 0:
             raise UserError("nothing to train: the configuration leaves every parameter frozen")
         self.module = FlowMatchingModule(family, training_recipe(family.variant, config))
