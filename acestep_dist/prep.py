@@ -1,6 +1,7 @@
 """Prep stages as plain functions and classes over dict rows (what Ray Data passes around).
 
-    plan_windows (per record)  ->  decode_window (CPU task)  ->  AudioEncoder (the family's audio
+    plan_input (per record, on the driver)  ->  expand_windows (hash, one row per window)
+      ->  decode_row (CPU task)  ->  AudioEncoder (the family's audio
       encoder, an actor)  ->  TextEncoder (its text encoders, an actor, batched)  ->  the driver
       groups rows into shards
 
@@ -36,7 +37,7 @@ TRUNCATION_TOLERANCE = 0.25
 # Every row carries every column from the start (Ray Data batches rows of one schema); stages
 # fill values in and empty the heavy ones they consume.
 ROW_DEFAULTS: dict[str, Any] = {
-    "status": OK, "stage": "", "reason": "", "warnings": "[]", "key": "", "window": 0, "sha256": "",
+    "status": OK, "stage": "", "reason": "", "warnings": "[]", "key": "", "windows": "[]", "window": 0, "sha256": "",
     "offset": 0.0, "length": 0.0, "duration": 0.0, "wave": b"", "wave_samples": 0,
     "audio_tensors": b"", "tensors": b"", "meta": "",
     # the source's duration as its container states it; 0 when it states none or FFmpeg guessed it
@@ -83,24 +84,24 @@ def window_offsets(duration: float, config: PrepConfig, key: str) -> tuple[list[
     return windows, warnings
 
 
-def plan_windows(row: dict, config: PrepConfig) -> list[dict]:
-    """Probe a record's audio and split it into the windows to encode (metadata only, no decoding)."""
-    base = {**ROW_DEFAULTS, **row}
+def plan_input(record: Record, config: PrepConfig) -> dict:
+    """Probe one input's audio (headers only) and plan its windows: the one place prep probes. The
+    row carries the windows as JSON; ``expand_windows`` turns it into one row per window. The
+    driver plans every input (shard sizes depend on how many windows each input becomes)."""
+    base = {**ROW_DEFAULTS, "record": json.dumps(record.to_dict(), ensure_ascii=False), "key": record.key}
     try:
-        return _plan_windows(base, config)
+        return _plan_input(base, record, config)
     except Exception as error:  # a record no stage foresaw must cost this input only
-        return [_reject(base, "probe", f"{type(error).__name__}: {error}")]
+        return _reject(base, "probe", f"{type(error).__name__}: {error}")
 
 
-def _plan_windows(base: dict, config: PrepConfig) -> list[dict]:
-    record = Record.from_dict(json.loads(base["record"]))
-    base["key"] = record.key
+def _plan_input(base: dict, record: Record, config: PrepConfig) -> dict:
     try:
         info = probe_audio(record.audio)
     except AudioError as error:
-        return [_reject(base, "probe", str(error))]
+        return _reject(base, "probe", str(error))
     except OSError as error:
-        return [_reject(base, "probe", f"cannot read file: {error.strerror or error}")]
+        return _reject(base, "probe", f"cannot read file: {error.strerror or error}")
     base = _warn(base, "probe", *info.warnings)
     base["header_duration"] = info.duration if info.duration_known else 0.0
     if not math.isfinite(info.duration):
@@ -108,15 +109,30 @@ def _plan_windows(base: dict, config: PrepConfig) -> list[dict]:
         windows, notes = [(0.0, config.max_duration)], []
     else:
         if info.duration < config.min_duration:
-            return [_reject(base, "probe", f"too short: {info.duration:.2f} s < minimum {config.min_duration:.2f} s")]
+            return _reject(base, "probe", f"too short: {info.duration:.2f} s < minimum {config.min_duration:.2f} s")
         windows, notes = window_offsets(info.duration, config, record.key)
-    base = _warn(base, "plan", *notes)
-    base["sha256"] = source_sha256(record.audio)
-    rows = []
-    for index, (offset, length) in enumerate(windows):
-        key = record.key if len(windows) == 1 else f"{record.key}__seg{index:03d}"
-        rows.append({**base, "window": index, "key": key, "offset": offset, "length": length})
-    return rows
+    return {**_warn(base, "plan", *notes), "windows": json.dumps(windows)}
+
+
+def window_count(planned: dict) -> int:
+    """How many samples a planned input can become (a rejected one counts 1, as its report line)."""
+    return len(json.loads(planned["windows"])) if planned["status"] == OK else 1
+
+
+def expand_windows(row: dict) -> list[dict]:
+    """Ray task: hash the input's file once (its samples record the sha256) and fan it out into one
+    row per planned window."""
+    if row["status"] != OK:
+        return [row]
+    record = Record.from_dict(json.loads(row["record"]))
+    try:
+        sha256 = source_sha256(record.audio)
+    except OSError as error:
+        return [_reject(row, "probe", f"cannot read file: {error.strerror or error}")]
+    windows = json.loads(row["windows"])
+    return [{**row, "sha256": sha256, "window": index, "offset": offset, "length": length,
+             "key": record.key if len(windows) == 1 else f"{record.key}__seg{index:03d}"}
+            for index, (offset, length) in enumerate(windows)]
 
 
 def decode_row(row: dict, config: PrepConfig, sample_rate: int) -> dict:

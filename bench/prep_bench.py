@@ -76,7 +76,7 @@ def ray_speedup(model: str, overrides: list[str], repeat: int = 1) -> dict:
     process and with Ray on 2 CPUs."""
     import fsspec
 
-    from acestep_dist.prep import AudioEncoder, TextEncoder, decode_row, plan_windows
+    from acestep_dist.prep import AudioEncoder, TextEncoder, decode_row, expand_windows, plan_input
 
     config = PrepConfig(shard_size_mb=1000)
     songs = load_source(CORPUS / "music", config).records
@@ -84,13 +84,13 @@ def ray_speedup(model: str, overrides: list[str], repeat: int = 1) -> dict:
     manifest.write_text("".join(json.dumps({**r.to_dict(), "key": f"{r.key}_{copy}"}) + "\n"
                                 for copy in range(repeat) for r in songs))
     listing = load_source(manifest, config)
-    rows = [{"shard": 0, "index": i, "record": json.dumps(r.to_dict())} for i, r in enumerate(listing.records)]
+    planned = [plan_input(r, config) for r in listing.records]
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     latents = AudioEncoder(ACE15.name, model, device="cpu")
     texts = TextEncoder(ACE15.name, model, config, {}, device="cpu")
-    encoded = [latents(decode_row(w, config, 48000)) for row in rows for w in plan_windows(row, config)]
+    encoded = [latents(decode_row(w, config, 48000)) for row in planned for w in expand_windows(row)]
     batch = {k: np.array([r[k] for r in encoded], dtype=object) for k in encoded[0]}
     out = texts(batch)
     with tempfile.TemporaryDirectory() as folder:

@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from acestep_dist.audio import probe_audio
 from acestep_dist import faults
 from acestep_dist.config import PrepConfig
 from acestep_dist.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL
 from acestep_dist.families import Family, ModelDescription, open_model, plugin_env
 from acestep_dist.paths import local_or_hub, local_path
-from acestep_dist.prep import OK, AudioEncoder, TextEncoder, decode_row, plan_windows, window_offsets
+from acestep_dist.prep import OK, AudioEncoder, TextEncoder, decode_row, expand_windows, plan_input, window_count
 from acestep_dist.prep_output import SOURCE_AUDIO_DIR, OutputFolder, OutputLock
 from acestep_dist.records import Record
 from acestep_dist.ray_cluster import init_ray
@@ -66,34 +64,25 @@ def _records_per_shard(config: PrepConfig, family: Family, description: ModelDes
     return max(1, int(config.shard_size_mb * 1e6 // max(bytes_per_record, 1.0)))
 
 
-def _windows_per_record(records: Sequence[Record], config: PrepConfig) -> list[int]:
-    """How many windows each input becomes: 1, except in ``segments`` mode, where a long file is
-    split into many (file headers only; an unreadable file counts 1 and is rejected later)."""
-    if config.crop != "segments":
-        return [1] * len(records)
+def _plan_inputs(records: Sequence[Record], config: PrepConfig) -> list[dict]:
+    """Every input probed and planned once (file headers only, threads overlap the reads)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def count(record: Record) -> int:
-        try:
-            duration = probe_audio(record.audio).duration
-        except Exception:
-            return 1
-        return len(window_offsets(duration, config, record.key)[0]) if math.isfinite(duration) else 1
-
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(count, records))
+        return list(pool.map(lambda record: plan_input(record, config), records))
 
 
-def _pack_shards(records: Sequence[Record], config: PrepConfig, windows_per_shard: int) -> list[list[Record]]:
-    """Consecutive inputs per shard, up to the shard's window budget (an input is never split)."""
-    shards: list[list[Record]] = []
-    current: list[Record] = []
+def _pack_shards(counts: Sequence[int], windows_per_shard: int) -> list[list[int]]:
+    """Consecutive inputs (their positions) per shard, up to the shard's window budget, given how
+    many windows each input becomes (an input is never split)."""
+    shards: list[list[int]] = []
+    current: list[int] = []
     used = 0
-    for record, windows in zip(records, _windows_per_record(records, config)):
+    for position, windows in enumerate(counts):
         if current and used + windows > windows_per_shard:
             shards.append(current)
             current, used = [], 0
-        current.append(record)
+        current.append(position)
         used += windows
     if current:
         shards.append(current)
@@ -172,7 +161,7 @@ def _build_dataset(rows: list[dict], family: str, model: str, config: PrepConfig
     context.execution_options.preserve_order = True  # rows come back in input order: shards complete one by one
     plan = _plan_resources(config)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.flat_map(plan_windows, fn_kwargs={"config": config}, num_cpus=plan.cpus_per_task)
+    ds = ds.flat_map(expand_windows, num_cpus=plan.cpus_per_task)
     # A decode task holds one window (a 240 s window at 96 kHz peaks near 400 MB). Reserving that
     # memory also keeps Ray from fusing the tasks into the VAE actors, where decoding would run
     # one file at a time.
@@ -277,7 +266,9 @@ class _Job:
 
 def _prepare(listing, fs, root, out, output: OutputFolder, job: _Job, address, started, log) -> PrepResult:
     config, fingerprint = job.config, job.fingerprint
-    shards = _pack_shards(listing.records, config, _records_per_shard(config, job.family, job.description))
+    planned = _plan_inputs(listing.records, config)
+    packed = _pack_shards([window_count(row) for row in planned], _records_per_shard(config, job.family, job.description))
+    shards = [[listing.records[position] for position in members] for members in packed]
     plans = [_plan_hash(members) for members in shards]
     output.remove_leftovers(len(shards))
     markers: dict[int, ShardMarker] = {}
@@ -294,10 +285,8 @@ def _prepare(listing, fs, root, out, output: OutputFolder, job: _Job, address, s
         f"{len(listing.rejected)} rejected by the source")
 
     if todo:
-        rows = [
-            {"shard": index, "index": position, "record": json.dumps(record.to_dict(), ensure_ascii=False)}
-            for index in todo for position, record in enumerate(shards[index])
-        ]
+        rows = [{**planned[member], "shard": index, "index": position}
+                for index in todo for position, member in enumerate(packed[index])]
         started_ray = init_ray(address, worker_env=plugin_env())
         try:
             dataset = _build_dataset(rows, job.family.name, job.model_ref, config, job.options,

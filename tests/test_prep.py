@@ -239,11 +239,15 @@ def test_alternative_captions_are_encoded_beside_the_caption(tmp_path, corpus, p
 
 def test_segments_mode_sizes_shards_by_windows_not_inputs(corpus):
     from acestep_dist.records import Record
-    from pipelines.prep import _pack_shards
+    from pipelines.prep import _pack_shards, _plan_inputs
+    from acestep_dist.prep import window_count
 
     long = corpus / "broken" / "long_12min.mp3"  # 720 s: twelve 60 s segments
     short = sorted((corpus / "music").glob("*.wav"))[0]
     records = [Record(key=f"k{i}", audio=str(p)) for i, p in enumerate([short, short, long, short, short, short])]
     segments = PrepConfig(crop="segments", max_duration=60)
-    assert [len(s) for s in _pack_shards(records, segments, 5)] == [2, 1, 3]  # the long file fills a shard alone
-    assert [len(s) for s in _pack_shards(records, PrepConfig(max_duration=60), 5)] == [5, 1]
+    def shard_sizes(config):
+        return [len(s) for s in _pack_shards([window_count(row) for row in _plan_inputs(records, config)], 5)]
+
+    assert shard_sizes(segments) == [2, 1, 3]  # the long file fills a shard alone
+    assert shard_sizes(PrepConfig(max_duration=60)) == [5, 1]

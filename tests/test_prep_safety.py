@@ -21,13 +21,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 from acestep_dist import faults
 
 from acestep_dist.audio import probe_audio, write_audio
 from acestep_dist.config import PrepConfig
 from acestep_dist.errors import UserError
-from acestep_dist.prep import OK, REJECTED, ROW_DEFAULTS, TextEncoder, decode_row, plan_windows
+from acestep_dist.prep import OK, REJECTED, ROW_DEFAULTS, TextEncoder, decode_row, expand_windows, plan_input
 from acestep_dist.records import Record
 from acestep_dist.sources import Problem, SourceListing
 from pipelines.prep import EXIT_FATAL, EXIT_PARTIAL, run_prep
@@ -90,7 +91,7 @@ def _vbr_mp3_without_header(path: Path) -> Path:
 
 def _planned_and_decoded(path: Path, config: PrepConfig) -> list[dict]:
     record = Record(key=path.stem, audio=str(path), caption="test")
-    rows = plan_windows({"record": json.dumps(record.to_dict())}, config)
+    rows = expand_windows(plan_input(record, config))
     return [decode_row(row, config, RATE) for row in rows]
 
 
@@ -139,12 +140,15 @@ def test_surround_audio_is_downmixed_with_a_warning(tmp_path):
 
 def _encoder_batch(records: list[Record]) -> dict[str, np.ndarray]:
     """The rows the text encoder receives from the VAE stage, as Ray Data's numpy batch."""
+    from safetensors.torch import save as save_safetensors
+
     frames, dim = 50, 4
     rows = []
     for record in records:
-        latent = np.full((frames, dim), sum(map(ord, record.key)) % 97, np.float32).tobytes()  # the row's own
+        latent = torch.full((frames, dim), float(sum(map(ord, record.key)) % 97))  # the row's own
+        audio = save_safetensors({"latent_mean": latent, "latent_std": latent.clone()})
         rows.append({**ROW_DEFAULTS, "record": json.dumps(record.to_dict()), "key": record.key, "duration": 2.0,
-                     "frames": frames, "latent_dim": dim, "latent_mean": latent, "latent_std": latent, "sha256": "0" * 64})
+                     "audio_tensors": audio, "sha256": "0" * 64})
     # bytes as objects (a fixed-width bytes array drops trailing zero bytes); text as fixed-width strings
     return {name: np.array([row[name] for row in rows], dtype=object if isinstance(rows[0][name], bytes) else None)
             for name in rows[0]}
@@ -154,7 +158,7 @@ def test_one_bad_row_costs_only_itself_in_a_text_encoder_batch(prep_model):
     good = [Record(key=f"good{i}", audio=f"/x/{i}.wav", caption=f"folk {i}", lyrics="[verse]\nla la") for i in range(4)]
     bad = Record(key="bad", audio="/x/bad.wav", caption="folk", lyrics=123)  # not text: the lyric template fails
     config = PrepConfig()
-    encoder = TextEncoder(str(prep_model), config)
+    encoder = TextEncoder("ace-step-1.5", str(prep_model), config, {})
     mixed = encoder(_encoder_batch(good[:2] + [bad] + good[2:]))
     assert list(mixed["status"]) == [OK, OK, REJECTED, OK, OK]
     assert mixed["stage"][2] == "encode_text" and mixed["reason"][2].startswith("AttributeError")

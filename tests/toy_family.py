@@ -110,11 +110,10 @@ def _pad(tensors):
 
 
 def _recipe(config):
-    from acestep_dist.config import sampler_parameter_problem
     from acestep_dist import flow
 
     name = config.timestep_sampler or "logit-normal"
-    problem = sampler_parameter_problem(name, config)
+    problem = flow.sampler_parameter_problem(name, config)
     if problem:
         raise UserError(f"{problem} ({NAME}'s default sampler)")
     mu, sigma = config.timestep_mu if config.timestep_mu is not None else 0.0, config.timestep_sigma or 1.0
