@@ -24,6 +24,10 @@ from .families import Family, ModelDescription, RenderRequest, open_model
 from .records import Record
 
 TEXT2MUSIC_DURATION = 30.0  # seconds, when --duration is not given and there is no source
+# The source is decoded at this rate before the model is even opened, so a range that does not fit
+# fails first; again at the model's own rate when that differs. A length in seconds does not
+# depend on the rate.
+CHECK_RATE = 48000
 # a --duration given with --src-audio must name the source's length to within this
 DURATION_TOLERANCE = 0.05
 
@@ -68,7 +72,8 @@ def _check_duration(duration: float | None, family: Family) -> None:
         raise UserError(f"--duration {duration:g}: give a number of seconds above 0"
                         + (f" and at most {limit:g}" if limit else ""))
     if limit and duration > limit:
-        raise UserError(f"--duration {duration:g}: {family.name} generates at most {limit:g} s")
+        raise UserError(f"--duration {duration:g}: {family.title} generates at most {limit:g} s "
+                        f"({limit / 60:g} minutes)")
 
 
 def _read_source(path: str, rate: int) -> torch.Tensor:
@@ -127,14 +132,16 @@ def generate(model: str, request: GenerateRequest, out: str | Path, lora: str | 
         raise UserError(f"--out {out}: write a .wav or .flac file")
     if request.repaint and not request.src_audio:
         raise UserError("--repaint needs --src-audio (the audio to repaint)")
+    source = None
+    if request.src_audio:
+        source = _read_source(request.src_audio, CHECK_RATE)
+        _check_against_source(request, source.shape[-1] / CHECK_RATE)
     family, description = open_model(model)  # config files only: every check below runs before weights load
     _check_duration(request.duration, family)
     task = _check_task(request, family)
     rate = description.sample_rate
-    source = None
-    if request.src_audio:
+    if source is not None and rate != CHECK_RATE:
         source = _read_source(request.src_audio, rate)
-        _check_against_source(request, source.shape[-1] / rate)
     if lora:
         _check_lora(family, description, lora)  # a bad LoRA fails before the model loads
     if source is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 from acestep_dist import faults
 from acestep_dist.config import PrepConfig
 from acestep_dist.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL
-from acestep_dist.families import Family, ModelDescription, open_model, plugin_env
+from acestep_dist.families import Family, ModelDescription, open_model, plugin_env, worker_reference
 from acestep_dist.paths import local_or_hub, local_path
 from acestep_dist.prep import OK, AudioEncoder, TextEncoder, decode_row, expand_windows, plan_input, window_count
 from acestep_dist.prep_output import SOURCE_AUDIO_DIR, OutputFolder, OutputLock
@@ -259,9 +258,7 @@ class _Job:
 
     @property
     def model_ref(self) -> str:
-        """What the actors load: the resolved folder (shared storage on a cluster), or the hub id
-        as given, so each node fills its own cache."""
-        return self.description.source if os.path.isabs(self.model) else self.model
+        return worker_reference(self.model, self.description)
 
 
 def _prepare(listing, fs, root, out, output: OutputFolder, job: _Job, address, started, log) -> PrepResult:

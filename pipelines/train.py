@@ -16,7 +16,7 @@ from pathlib import Path
 from acestep_dist import faults
 from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
-from acestep_dist.families import open_model, plugin_env
+from acestep_dist.families import open_model, plugin_env, worker_reference
 from acestep_dist.paths import existing_file_text, local_path, local_or_hub
 from acestep_dist.ray_cluster import init_ray
 from acestep_dist.storage import open_fs, ray_train_storage
@@ -152,8 +152,7 @@ def run_train(
     refs = training.refs
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
-    # a hub id stays a hub id: each node fills its own cache; a folder must be on storage every node reaches
-    model_ref = description.source if os.path.isabs(model) else model
+    model_ref = worker_reference(model, description)
     fs, root = open_fs(output)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     storage, name, storage_filesystem = ray_train_storage(output)

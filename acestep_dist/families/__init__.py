@@ -114,9 +114,10 @@ def open_model(model: str) -> tuple[Family, ModelDescription]:
     return family, family.describe(model)
 
 
-def check_same_family(expected: str, found: str, what: str, hint: str) -> None:
-    if expected != found:
-        raise UserError(f"{what} is of the model family {found!r}, the model is {expected!r}; {hint}")
+def worker_reference(model: str, description: ModelDescription) -> str:
+    """What Ray workers load: the resolved folder when the user gave a path (it must be storage every
+    node reaches), or the hub id as given, so each node fills its own cache."""
+    return description.source if os.path.isabs(model) else model
 
 
 def plugin_env() -> dict[str, str]:

@@ -264,6 +264,7 @@ class Family(ABC):
     """One model family (see the module docstring). Subclasses set the class attributes."""
 
     name: ClassVar[str]
+    title: ClassVar[str] = ""  # how messages name it ("ACE-Step 1.5"); the name when empty
     schema: ClassVar[SampleSchema]
     variants: ClassVar[tuple[str, ...]]
     variant_aliases: ClassVar[dict[str, str]] = {}
@@ -321,6 +322,10 @@ class Family(ABC):
                     formats: Sequence[str]) -> tuple[list[Path], str]:
         """Write the base model with the trained weights swapped in; return the files and README text."""
         raise NotImplementedError(f"{self.name} has no full-weight export")
+
+    def __init__(self) -> None:
+        if not self.title:
+            self.title = self.name
 
     def options(self, config) -> FamilyOptions:
         """This family's own keys of a prep or train config (``prep_options`` / ``train_options``),

@@ -41,6 +41,7 @@ _TEXT_TOKENS_ESTIMATE = 200  # a caption prompt is ~200 tokens: what shard plann
 
 class AceStep15Family(Family):
     name = NAME
+    title = "ACE-Step 1.5"
     schema = SCHEMA
     variants = VARIANT_NAMES
     variant_aliases = {"xl": "xl-base"}

@@ -140,6 +140,7 @@ def load_components(
     device: str | torch.device = "cpu",
     local_files_only: bool = False,
 ) -> AceStep15Components:
+    follow_hub_progress_switch()
     parts = tuple(parts)
     unknown = set(parts) - set(ALL_PARTS)
     if unknown:
@@ -154,6 +155,17 @@ def load_components(
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     return components
+
+
+def follow_hub_progress_switch() -> None:
+    """diffusers' progress bars ignore HF_HUB_DISABLE_PROGRESS_BARS (transformers' follow it): when
+    the hub's bars are off (``acedist`` without ``-v``), diffusers' are turned off too."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        import diffusers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:

@@ -200,6 +200,9 @@ def build_tiny_pipeline(variant: str = "turbo", latent_dim: int = 8, seed: int =
 def write_tiny_checkpoint(out_dir: str | Path, variant: str = "turbo", latent_dim: int = 8, seed: int = 0) -> Path:
     """Write a diffusers-layout folder (``model_index.json`` + subfolders) that
     ``diffusers.AceStepPipeline.from_pretrained`` loads."""
+    from .loading import follow_hub_progress_switch
+
+    follow_hub_progress_switch()
     out = Path(out_dir)
     pipeline = build_tiny_pipeline(variant, latent_dim, seed)
     pipeline.save_pretrained(out, safe_serialization=True)
