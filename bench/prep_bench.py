@@ -22,25 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("ACESTEP_CORPUS", ROOT.parent / "shared" / "corpus"))
-sys.path.insert(0, str(ROOT))
+from common import ACE15, CORPUS, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM, ROOT, pack_tensors  # noqa: E402,F401
 
 from acestep_dist.audio import decode_window, probe_audio  # noqa: E402
 from acestep_dist.config import PrepConfig  # noqa: E402
-from acestep_dist.families import get as get_family  # noqa: E402
 from acestep_dist.shards import EncodedSample, write_shard  # noqa: E402
-
-ACE15 = get_family("ace-step-1.5")
-
-
-def pack_tensors(latent_mean, latent_std, text_states, lyric_ids):
-    """An ACE-Step 1.5 sample blob, as its schema packs it."""
-    return ACE15.schema.pack({"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states,
-                              "lyric_ids": lyric_ids})
 from acestep_dist.sources import load_source  # noqa: E402
-
-REAL_LATENT_DIM, REAL_TEXT_DIM, FRAMES_PER_SECOND = 64, 1024, 25
 
 
 def cpu_stage() -> dict:
