@@ -1,6 +1,7 @@
 """The one record type every source produces and every later stage consumes.
 
-A record is metadata only: where the audio is, which window of it, and the texts that describe it.
+A record is metadata only: where the audio is and the texts that describe it. Which windows of the
+audio become samples is prep's plan (``prep.plan_input``), recorded per sample (its ``offset``).
 Times are in seconds, like lhotse's cuts.
 """
 
@@ -20,8 +21,7 @@ class Record:
     keyscale: str | None = None
     timesignature: str | None = None
     language: str | None = None
-    duration: float | None = None  # seconds of audio this record stands for
-    offset: float = 0.0  # window start in the source, seconds
+    duration: float | None = None  # seconds of audio this record stands for (the prompt's metas line)
     alt_captions: tuple[str, ...] = ()  # alternative captions sampled at training time
     repeat: int = 1  # epoch multiplier
     extra: dict[str, Any] = field(default_factory=dict)

@@ -292,3 +292,40 @@ def test_a_final_folder_the_user_made_is_never_replaced(tmp_path, reference_run)
     _publish_final(fsspec.filesystem("file"), str(run / "final"), str(latest))
     _publish_final(fsspec.filesystem("file"), str(run / "final"), str(latest))
     assert (run / "final" / "lora.safetensors").is_file()
+
+
+# ------------------------------------------------------------ shards of earlier versions
+def _set_marker_fields(root: Path, index: int, **fields) -> None:
+    """Rewrite a marker's schema fields (None: drop them, as markers before families were recorded)."""
+    path = root / marker_name(index)
+    marker = json.loads(path.read_text())
+    for name, value in fields.items():
+        if value is None:
+            marker.pop(name, None)
+        else:
+            marker[name] = value
+    path.write_text(json.dumps(marker))
+
+
+def test_shards_from_before_families_are_read_as_they_are_and_unknown_schemas_are_refused(tmp_path):
+    """Markers without family / schema_version (written before families were recorded) are ACE-Step
+    1.5's schema 1, whose tensors are unchanged: training reads them as they are. A schema version the
+    family does not write is refused, naming the version and --overwrite; so is a mix of families."""
+    data = tmp_path / "legacy"
+    _write_dataset(data, [[_sample("a"), _sample("b")], [_sample("c")]])
+    for index in (0, 1):
+        _set_marker_fields(data, index, family=None, schema_version=None)
+    training = open_training_data(str(data))
+    assert training.family == "ace-step-1.5" and training.schema.version == 1 and len(training.refs) == 3
+    assert SampleReader(training.refs, training.schema).read(Item(0, 0, 0, 0))["latent_mean"].shape == (6, 4)
+    assert _inspect(data)[0] == 0
+
+    _set_marker_fields(data, 1, family="ace-step-1.5", schema_version=7)
+    with pytest.raises(UserError, match=r"schema version 7; this acedist reads version 1: rerun `acedist prep` "
+                                        r"with --overwrite"):
+        open_training_data(str(data))
+    code, lines = _inspect(data)
+    assert code == EXIT_CORRUPT and any("schema version 7" in line for line in lines)
+    _set_marker_fields(data, 1, family="some-other-family", schema_version=1)
+    with pytest.raises(UserError, match="unknown model family 'some-other-family'"):
+        open_training_data(str(data))
