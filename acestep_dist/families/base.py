@@ -194,13 +194,6 @@ class RenderRequest:
     cover_strength: float = 1.0
 
 
-@dataclass
-class TrainedWeights:
-    """What ``Trainable.save`` wrote: paths relative to the checkpoint folder."""
-
-    files: list[str]
-
-
 class Trainable(ABC):
     """What a training worker optimises. ``module`` holds every part the loss touches as a child
     (so DeepSpeed partitions and hooks them all); its ``forward(batch, generators)`` returns

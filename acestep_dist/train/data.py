@@ -7,8 +7,10 @@ global batch; each micro-step of each rank takes its own contiguous slice. The o
 does not depend on the number of workers: 2 workers x batch 1 see exactly the samples of 1 worker
 x batch 2, and a resumed run continues from the step number alone.
 
-Samples are read by seeking to their tar members (offsets from the index), so a shuffled epoch
-never streams whole shards and memory stays at one batch. Before any worker starts, the driver checks
+Samples are read by seeking to their tensor members (offsets from the index; the meta is never
+read), so a shuffled epoch never streams whole shards and memory stays at one batch. The shard
+markers name the family and schema the samples were written with; the reader hands out the
+schema's tensors (with the drawn caption's copies) and the family's ``collate`` batches them. Before any worker starts, the driver checks
 every shard against its marker (``verify_training_shards``); a sample that still cannot be read in a
 worker raises ``ShardReadError`` naming the shard and the key.
 """
