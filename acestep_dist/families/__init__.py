@@ -99,7 +99,7 @@ def family_of(model: str) -> Family:
     best = [family for score, _, family in scored if score == scored[0][0] and score > 0]
     if not best:
         if not Path(model).expanduser().exists():
-            raise ModelLoadError(f"model {model}: no such folder, and not a hub id any model family "
+            raise ModelLoadError(f"model {model!r}: no such folder, and not a hub id any model family "
                                  f"({', '.join(names())}) recognises (org/name)")
         raise ModelLoadError(f"model {model}: no model family recognises it (families: {', '.join(names())}); "
                              f"pass a checkpoint folder of one of them or a hub id")
