@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from acestep_dist import faults
 from acestep_dist.config import PrepConfig
@@ -261,70 +261,108 @@ class _Job:
         return worker_reference(self.model, self.description)
 
 
-def _prepare(listing, fs, root, out, output: OutputFolder, job: _Job, address, started, log) -> PrepResult:
-    config, fingerprint = job.config, job.fingerprint
-    planned = _plan_inputs(listing.records, config)
-    packed = _pack_shards([window_count(row) for row in planned], _records_per_shard(config, job.family, job.description))
+def _plan_shards(listing, job: _Job) -> tuple[list[dict], list[list[int]], list[list[Record]], list[str]]:
+    """Every input planned, packed into shards by the sorted input order: ``(planned inputs, input
+    positions per shard, records per shard, plan hash per shard)``."""
+    planned = _plan_inputs(listing.records, job.config)
+    packed = _pack_shards([window_count(row) for row in planned],
+                          _records_per_shard(job.config, job.family, job.description))
     shards = [[listing.records[position] for position in members] for members in packed]
     plans = [_plan_hash(members) for members in shards]
-    output.remove_leftovers(len(shards))
+    return planned, packed, shards, plans
+
+
+def _finished_markers(fs, root: str, plans: list[str]) -> dict[int, ShardMarker]:
+    """The markers of the shards an earlier run finished for the same plan."""
     markers: dict[int, ShardMarker] = {}
     for index, plan in enumerate(plans):
         marker = _finished(fs, root, index, plan)
         if marker is not None:
             markers[index] = marker
-    todo = [index for index in range(len(shards)) if index not in markers]
+    return markers
+
+
+def _claim_output_files(output: OutputFolder, todo: list[int]) -> None:
     # every file this run may write, listed in the state before any is written (one state write)
     output.claim(*(name for index in todo for final in (shard_name(index), marker_name(index))
                    for name in (final + ".tmp", final)),
                  *SUMMARY_FILES, *(name + ".tmp" for name in SUMMARY_FILES), "prep_report.json")
+
+
+def _prepare(listing, fs, root, out, output: OutputFolder, job: _Job, address, started, log) -> PrepResult:
+    planned, packed, shards, plans = _plan_shards(listing, job)
+    output.remove_leftovers(len(shards))
+    markers = _finished_markers(fs, root, plans)
+    todo = [index for index in range(len(shards)) if index not in markers]
+    _claim_output_files(output, todo)
     log(f"prep: {len(listing.records)} inputs in {len(shards)} shards ({len(markers)} already finished), "
         f"{len(listing.rejected)} rejected by the source")
 
     if todo:
         rows = [{**planned[member], "shard": index, "index": position}
                 for index in todo for position, member in enumerate(packed[index])]
-        started_ray = init_ray(address, worker_env=plugin_env())
-        try:
-            dataset = _build_dataset(rows, job.family.name, job.model_ref, config, job.options,
-                                     job.description.sample_rate)
-            pending: dict[int, list[dict]] = {}
-            expected = {index: len(shards[index]) for index in todo}
-            seen_inputs: dict[int, set] = {index: set() for index in todo}
-
-            def flush(index: int) -> None:
-                faults.point("prep.before_shard", shards_written=len(markers))
-                by_input: dict[int, list[dict]] = {}
-                for row in sorted(pending.pop(index, []), key=lambda r: (r["index"], r["window"])):
-                    by_input.setdefault(int(row["index"]), []).append(row)
-                samples, rejected, warnings = [], [], []
-                for position, record in enumerate(shards[index]):
-                    written, bad, notes = _input_outcome(record, by_input.get(position, []))
-                    samples += written
-                    rejected += bad
-                    warnings += notes
-                marker = write_shard(fs, root, index, samples, rejected, warnings, fingerprint, plans[index],
-                                     job.family.schema)
-                markers[index] = marker
-                log(f"prep: wrote {shard_name(index)} ({len(samples)} samples, {marker.bytes / 1e6:.1f} MB)")
-
-            for row in dataset.iter_rows():
-                index = int(row["shard"])
-                pending.setdefault(index, []).append(row)
-                seen_inputs[index].add(int(row["index"]))
-                # windows of one input arrive together (input order): an input's rows are complete
-                # once a later input of the same shard, or another shard, shows up
-                for done in [i for i in pending if i != index and len(seen_inputs[i]) == expected[i]]:
-                    flush(done)
-            for index in list(pending):
-                flush(index)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+        _encode_and_write_shards(rows, todo, shards, plans, markers, fs, root, job, address, log)
 
     return _finish(fs, root, out, listing, shards, markers, job, started, log)
+
+
+def _encode_and_write_shards(rows: list[dict], todo: list[int], shards: list[list[Record]], plans: list[str],
+                             markers: dict[int, ShardMarker], fs, root, job: _Job, address, log) -> None:
+    """Run the window ``rows`` of the shards still to do through the Ray pipeline and write each
+    shard as soon as its rows are complete, adding its marker to ``markers``."""
+    started_ray = init_ray(address, worker_env=plugin_env())
+    try:
+        dataset = _build_dataset(rows, job.family.name, job.model_ref, job.config, job.options,
+                                 job.description.sample_rate)
+        for index, shard_rows in _completed_shards(dataset.iter_rows(), todo, shards):
+            _write_shard_from_rows(fs, root, index, shard_rows, shards[index], plans[index], markers, job, log)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _completed_shards(rows: Iterable[dict], todo: list[int],
+                      shards: list[list[Record]]) -> Iterator[tuple[int, list[dict]]]:
+    """``(shard index, its rows)`` for each shard of ``todo`` as soon as all its rows have arrived
+    (the rest at the end), from the encoded rows, which stream in input order."""
+    pending: dict[int, list[dict]] = {}
+    expected = {index: len(shards[index]) for index in todo}
+    seen_inputs: dict[int, set] = {index: set() for index in todo}
+    for row in rows:
+        index = int(row["shard"])
+        pending.setdefault(index, []).append(row)
+        seen_inputs[index].add(int(row["index"]))
+        # windows of one input arrive together (input order): an input's rows are complete
+        # once a later input of the same shard, or another shard, shows up
+        for done in [i for i in pending if i != index and len(seen_inputs[i]) == expected[i]]:
+            yield done, pending.pop(done)
+    for index in list(pending):
+        yield index, pending.pop(index)
+
+
+def _shard_contents(records: list[Record], rows: list[dict]) -> tuple[list[EncodedSample], list[dict], list[dict]]:
+    """Samples, rejections and warnings of a shard's inputs (``records``) from its window rows."""
+    by_input: dict[int, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["index"], r["window"])):
+        by_input.setdefault(int(row["index"]), []).append(row)
+    samples, rejected, warnings = [], [], []
+    for position, record in enumerate(records):
+        written, bad, notes = _input_outcome(record, by_input.get(position, []))
+        samples += written
+        rejected += bad
+        warnings += notes
+    return samples, rejected, warnings
+
+
+def _write_shard_from_rows(fs, root, index: int, rows: list[dict], records: list[Record], plan: str,
+                           markers: dict[int, ShardMarker], job: _Job, log) -> None:
+    faults.point("prep.before_shard", shards_written=len(markers))
+    samples, rejected, warnings = _shard_contents(records, rows)
+    marker = write_shard(fs, root, index, samples, rejected, warnings, job.fingerprint, plan, job.family.schema)
+    markers[index] = marker
+    log(f"prep: wrote {shard_name(index)} ({len(samples)} samples, {marker.bytes / 1e6:.1f} MB)")
 
 
 def _finish(fs, root, out, listing, shards, markers, job: _Job, started, log) -> PrepResult:

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from acestep_dist import faults
 from acestep_dist.config import TrainConfig
@@ -120,6 +121,133 @@ def resolve_config_paths(config: TrainConfig) -> TrainConfig:
     return config.model_copy(update=updates) if updates else config
 
 
+@dataclass
+class _Checked:
+    """What the driver checked and resolved before any worker starts (paths made absolute)."""
+
+    config: TrainConfig
+    data: str
+    model: str
+    output: str
+    family: Any
+    description: Any
+    options: Any  # the family's own settings
+    recipe: Any
+    refs: list
+    scaling: Any  # ray.train.ScalingConfig
+    world: int
+    use_gpu: bool
+    plan: EpochPlan
+    model_ref: str  # what the workers load
+
+
+@dataclass
+class _RunFolder:
+    """RUN as fsspec opens it (``fs``, ``root``) and as Ray Train's ``RunConfig`` takes it."""
+
+    url: str  # as the user gave it, made absolute if a path
+    fs: Any
+    root: str
+    storage: str
+    name: str
+    storage_filesystem: Any  # a pyarrow filesystem made on the driver for a URL, else None
+
+
+def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, nodes: int, gpus_per_node: int,
+                     workers: int | None, log) -> _Checked:
+    # Every path is made absolute here, on the driver: workers run in other directories.
+    data, output, model = local_path(data), local_path(output), local_or_hub(model)
+    config = resolve_config_paths(config)
+    # everything that can be checked here is, before any worker starts: errors name the file
+    family, description = open_model(model)  # configs only, no weights (a hub id resolves once here)
+    options = family.options(config)
+    recipe = family.check_training(description, config, options)
+    training = open_training_data(data)
+    if training.family != family.name:
+        raise UserError(f"{data} holds samples of the model family {training.family}, the model is {family.name}; "
+                        f"prepare the data with this model (acedist prep --model {model})")
+    verify_training_shards(data, training, log=log)
+    scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
+    plan = EpochPlan(training.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
+    return _Checked(config, data, model, output, family, description, options, recipe, training.refs, scaling, world,
+                    use_gpu, plan, worker_reference(model, description))
+
+
+def _open_run_folder(output: str) -> _RunFolder:
+    fs, root = open_fs(output)
+    storage, name, storage_filesystem = ray_train_storage(output)
+    return _RunFolder(output, fs, root, storage, name, storage_filesystem)
+
+
+def _choose_resume(run: _RunFolder, resume: bool, log) -> tuple[list[str], str | None]:
+    """The names of the checkpoints earlier launches left in RUN, and the checkpoint to resume from
+    (None for a new run); RUN may hold a run only when it is resumed."""
+    earlier = list_checkpoints(run.fs, run.root)
+    if earlier and not resume:
+        raise UserError(f"{run.url} already holds a run; pass --resume to continue it, or choose a new --output")
+    resume_from = None
+    if resume:
+        chosen = choose_resume_checkpoint(run.fs, run.root, run.url, log=log)
+        protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+        # a path within Ray's storage filesystem when we made one for it (its endpoint and keys), else a URL
+        local = protocol in ("file", "local") or run.storage_filesystem is not None
+        resume_from = chosen.path if local else f"{protocol}://{chosen.path}"
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in earlier], resume_from
+
+
+def _worker_job(checked: _Checked, run: _RunFolder, loader_workers: int, resume_from: str | None,
+                earlier: list[str]) -> dict:
+    """The ``train_loop_config`` every worker gets."""
+    return {"config": checked.config.model_dump(), "data": checked.data, "model": checked.model_ref,
+            "family": checked.family.name, "family_options": checked.options.model_dump(), "run": run.url,
+            "use_gpu": checked.use_gpu, "loader_workers": loader_workers, "resume_from": resume_from,
+            "resume_filesystem": run.storage_filesystem, "earlier_checkpoints": earlier}
+
+
+def _build_trainer(checked: _Checked, run: _RunFolder, job: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        scaling_config=checked.scaling,
+        torch_config=TorchConfig(backend="nccl" if checked.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run.name, storage_path=run.storage, storage_filesystem=run.storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=checked.config.checkpoints_total_limit),
+            failure_config=FailureConfig(max_failures=checked.config.max_failures),
+            worker_runtime_env={"env_vars": _worker_env(checked.use_gpu)},
+        ),
+    )
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except Exception as error:  # Ray wraps the worker's exception
+        raise UserError(f"training failed: {_worker_failure(error)}") from error
+
+
+def _publish_final_checkpoint(run: _RunFolder, result, resume_from: str | None, earlier: list[str],
+                              log) -> TrainResult:
+    """Publish the weights of the fit's last checkpoint to RUN/final."""
+    from ray.train import Checkpoint
+
+    if result.checkpoint is None:
+        raise UserError("training finished without a checkpoint")
+    checkpoint = result.checkpoint
+    if resume_from and Path(checkpoint.path).name in earlier:
+        # nothing left to train: Ray's latest is an earlier launch's, the weights are in the one chosen
+        checkpoint = Checkpoint(resume_from, filesystem=run.storage_filesystem)
+    final = f"{run.root}/{FINAL_DIR}"
+    with checkpoint.as_directory() as local:
+        state = _publish_final(run.fs, final, local)
+    final_url = f"{run.url.rstrip('/')}/{FINAL_DIR}"  # with its scheme (s3://...), unlike the fs path
+    log(f"train: done at step {state['step']}; weights in {final_url}")
+    return TrainResult(run.url, final_url, int(state["step"]))
+
+
 def run_train(
     config: TrainConfig,
     data: str,
@@ -134,78 +262,22 @@ def run_train(
     loader_workers: int = 0,
     log=print,
 ) -> TrainResult:
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    checked = _check_on_driver(config, data, model, output, nodes, gpus_per_node, workers, log)
+    config = checked.config
+    run = _open_run_folder(checked.output)
+    earlier, resume_from = _choose_resume(run, resume, log)
+    run.fs.makedirs(run.root, exist_ok=True)
+    total = config.max_train_steps or config.num_train_epochs * checked.plan.steps_per_epoch
+    log(f"train: {len(checked.refs)} samples, {checked.world} worker(s), {total} steps -> {run.url}; "
+        f"{checked.family.name} {checked.description.variant}; {checked.recipe}")
 
-    # Every path is made absolute here, on the driver: workers run in other directories.
-    data, output, model = local_path(data), local_path(output), local_or_hub(model)
-    config = resolve_config_paths(config)
-    # everything that can be checked here is, before any worker starts: errors name the file
-    family, description = open_model(model)  # configs only, no weights (a hub id resolves once here)
-    options = family.options(config)
-    recipe = family.check_training(description, config, options)
-    training = open_training_data(data)
-    if training.family != family.name:
-        raise UserError(f"{data} holds samples of the model family {training.family}, the model is {family.name}; "
-                        f"prepare the data with this model (acedist prep --model {model})")
-    verify_training_shards(data, training, log=log)
-    refs = training.refs
-    scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
-    plan = EpochPlan(refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
-    model_ref = worker_reference(model, description)
-    fs, root = open_fs(output)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    storage, name, storage_filesystem = ray_train_storage(output)
-    earlier = list_checkpoints(fs, root)
-    if earlier and not resume:
-        raise UserError(f"{output} already holds a run; pass --resume to continue it, or choose a new --output")
-    resume_from = None
-    if resume:
-        chosen = choose_resume_checkpoint(fs, root, output, log=log)
-        # a path within Ray's storage filesystem when we made one for it (its endpoint and keys), else a URL
-        local = protocol in ("file", "local") or storage_filesystem is not None
-        resume_from = chosen.path if local else f"{protocol}://{chosen.path}"
-    fs.makedirs(root, exist_ok=True)
-    total = config.max_train_steps or config.num_train_epochs * plan.steps_per_epoch
-    log(f"train: {len(refs)} samples, {world} worker(s), {total} steps -> {output}; {family.name} "
-        f"{description.variant}; {recipe}")
-
-    job = {"config": config.model_dump(), "data": data, "model": model_ref, "family": family.name,
-           "family_options": options.model_dump(), "run": output, "use_gpu": use_gpu,
-           "loader_workers": loader_workers, "resume_from": resume_from, "resume_filesystem": storage_filesystem,
-           "earlier_checkpoints": [p.rstrip("/").rsplit("/", 1)[-1] for p in earlier]}
+    job = _worker_job(checked, run, loader_workers, resume_from, earlier)
     started_ray = init_ray(address, dashboard=True)
     try:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=job,
-            scaling_config=scaling,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=name, storage_path=storage, storage_filesystem=storage_filesystem,
-                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                worker_runtime_env={"env_vars": _worker_env(use_gpu)},
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as error:  # Ray wraps the worker's exception
-            raise UserError(f"training failed: {_worker_failure(error)}") from error
+        result = _fit(_build_trainer(checked, run, job))
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    if result.checkpoint is None:
-        raise UserError("training finished without a checkpoint")
-    checkpoint = result.checkpoint
-    if resume_from and Path(checkpoint.path).name in job["earlier_checkpoints"]:
-        # nothing left to train: Ray's latest is an earlier launch's, the weights are in the one chosen
-        checkpoint = Checkpoint(resume_from, filesystem=storage_filesystem)
-    final = f"{root}/{FINAL_DIR}"
-    with checkpoint.as_directory() as local:
-        state = _publish_final(fs, final, local)
-    final_url = f"{output.rstrip('/')}/{FINAL_DIR}"  # with its scheme (s3://...), unlike the fs path
-    log(f"train: done at step {state['step']}; weights in {final_url}")
-    return TrainResult(output, final_url, int(state["step"]))
+    return _publish_final_checkpoint(run, result, resume_from, earlier, log)
