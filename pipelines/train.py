@@ -139,6 +139,7 @@ class _Checked:
     use_gpu: bool
     plan: EpochPlan
     model_ref: str  # what the workers load
+    schema_version: int  # of the samples in --data (their family is the model's)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, no
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(training.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
     return _Checked(config, data, model, output, family, description, options, recipe, training.refs, scaling, world,
-                    use_gpu, plan, worker_reference(model, description))
+                    use_gpu, plan, worker_reference(model, description), training.schema.version)
 
 
 def _open_run_folder(output: str) -> _RunFolder:
@@ -199,7 +200,8 @@ def _worker_job(checked: _Checked, run: _RunFolder, loader_workers: int, resume_
                 earlier: list[str]) -> dict:
     """The ``train_loop_config`` every worker gets."""
     return {"config": checked.config.model_dump(), "data": checked.data, "model": checked.model_ref,
-            "family": checked.family.name, "family_options": checked.options.model_dump(), "run": run.url,
+            "family": checked.family.name, "schema_version": checked.schema_version,
+            "family_options": checked.options.model_dump(), "run": run.url,
             "use_gpu": checked.use_gpu, "loader_workers": loader_workers, "resume_from": resume_from,
             "resume_filesystem": run.storage_filesystem, "earlier_checkpoints": earlier}
 

@@ -130,6 +130,8 @@ def test_prep_writes_the_toy_schema_encoded_by_the_toy_encoders(chain):
     report = json.loads((shards / "prep_report.json").read_text())
     assert (report["family"], report["schema_version"], report["samples"]) == ("toy-mlp", 1, len(CLIPS))
     assert report["config"]["prompt_max_tokens"] == PROMPT_MAX_TOKENS
+    state = json.loads((shards / "prep_state.json").read_text())
+    assert (state["family"], state["schema_version"]) == ("toy-mlp", 1)
     markers = [ShardMarker.from_json(p.read_text()) for p in sorted(shards.glob("shard-*.json"))]
     assert markers and {(m.family, m.schema_version) for m in markers} == {("toy-mlp", 1)}
     model = toy_family.FAMILY.load(toy_family.FAMILY.describe(str(chain["model"])), "encode-audio")
@@ -168,6 +170,7 @@ def test_two_workers_train_a_toy_lora_under_zero2(chain):
     final = chain["run"] / "final"
     state = json.loads((final / "acedist_state.json").read_text())
     assert (state["family"], state["variant"], state["model_type"]) == ("toy-mlp", "small", "lora")
+    assert state["schema_version"] == 1
     assert (state["step"], state["world_size"], state["config"]["zero_stage"]) == (2, 2, 2)
     assert state["weights"] == ["lora.safetensors"]
     # the toy's own train key reached the workers: the trainable recorded it

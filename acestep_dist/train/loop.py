@@ -310,7 +310,8 @@ def _checkpoint(worker: _Worker, done: int) -> None:
                 weights = worker.trainable.save(Path(folder))
         if worker.rank == 0:
             state = {"step": done, "total_steps": worker.total_steps, "model": job["model"], "data": job["data"],
-                     "family": job["family"], **worker.trainable.state(), "model_type": config.model_type,
+                     "family": job["family"], "schema_version": job["schema_version"], **worker.trainable.state(),
+                     "model_type": config.model_type,
                      "weights": weights, "config": config.model_dump(), "family_options": job["family_options"],
                      "world_size": worker.world, "started_at_step": worker.start_step}
             (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1))
