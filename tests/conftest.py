@@ -84,9 +84,10 @@ def train_shards(tmp_path_factory, corpus, prep_model, ray_session) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_nodes():
-    """A two-node Ray cluster on this machine (two raylets of 1 CPU each, started by cluster/local_cluster.py)."""
+    """A two-node Ray cluster on this machine (two raylets of 1 CPU each, started by cluster/local_cluster.py),
+    one for all tests that use it (they run last, see below: an idle cluster costs CPU)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
     import local_cluster
 
@@ -96,6 +97,14 @@ def two_nodes():
         yield local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300)
     finally:
         local_cluster.stop(temp)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the two-node cluster run last, one after another: the session's one cluster
+    starts for them and stops with the session, instead of idling through the tests between them."""
+    on_cluster = [item for item in items if "two_nodes" in getattr(item, "fixturenames", ())]
+    if on_cluster:
+        items[:] = [item for item in items if item not in on_cluster] + on_cluster
 
 
 # Ten optimizer steps of a global batch of 2, a checkpoint every 5, no LoRA dropout (dropout masks

@@ -129,11 +129,14 @@ def _complete(tar: Path) -> bool:
         return False
 
 
-def test_killed_prep_resumes_to_the_same_samples(tmp_path, corpus, prep_model, ray_session):
-    settings = ["max_duration=20", "shard_size_mb=0.001"]  # one song per shard
-    reference = tmp_path / "reference"
-    config = PrepConfig(max_duration=20, shard_size_mb=0.001)
-    assert run_prep(str(corpus / "music"), str(prep_model), str(reference), config, log=lambda _: None).exit_code == EXIT_OK
+def test_killed_prep_resumes_to_the_same_samples(tmp_path, corpus, prep_model, train_shards):
+    settings = ["max_duration=6", "shard_size_mb=0.001"]  # one song per shard
+    config = PrepConfig(max_duration=6, shard_size_mb=0.001)
+    # the reference: train_shards, the same songs prepared with the same settings but for the shard size
+    # (one big shard; a sample does not depend on its shard)
+    same = {k: v for k, v in config.model_dump().items() if k != "shard_size_mb"}
+    prepared_with = json.loads((train_shards / "prep_report.json").read_text())["config"]
+    assert {k: prepared_with[k] for k in same} == same
 
     out = tmp_path / "killed"
     env = {**_env(), faults.VARIABLE: faults.spec("prep.before_shard", shards_written=5)}  # hangs before its 6th shard
@@ -169,7 +172,7 @@ def test_killed_prep_resumes_to_the_same_samples(tmp_path, corpus, prep_model, r
     assert run_prep(str(corpus / "music"), str(prep_model), str(out), config, log=lines.append).exit_code == EXIT_OK
     assert f"({finished} already finished)" in lines[0]
     assert not list(out.glob("*.tmp"))
-    expected, got = _samples(reference), _samples(out)
+    expected, got = _samples(train_shards), _samples(out)
     assert set(got) == set(expected) and len(got) == 12
     for key in expected:
         assert got[key]["meta"] == expected[key]["meta"]

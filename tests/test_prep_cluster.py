@@ -9,7 +9,7 @@ import torch
 
 from acestep_dist.config import PrepConfig
 from acestep_dist.shards import iter_samples
-from pipelines.prep import EXIT_OK, run_prep
+from pipelines.prep import EXIT_OK
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
@@ -24,7 +24,8 @@ def _samples(out: Path) -> dict:
     return found
 
 
-def test_two_node_prep_gives_the_same_keys_and_tensors(tmp_path, corpus, prep_model, two_nodes, ray_session):
+def test_two_node_prep_gives_the_same_keys_and_tensors(tmp_path, corpus, prep_model, two_nodes, train_shards):
+    # train_shards: the same songs and settings prepared locally (in one big shard; samples do not depend on it)
     settings = {"max_duration": 6, "shard_size_mb": 0.002}
     on_cluster = tmp_path / "cluster"
     env = dict(local_cluster.cluster_env(), RAY_DATA_DISABLE_PROGRESS_BARS="1")
@@ -34,10 +35,11 @@ def test_two_node_prep_gives_the_same_keys_and_tensors(tmp_path, corpus, prep_mo
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
     )
     assert result.returncode == EXIT_OK, result.stdout[-2000:] + result.stderr[-4000:]
-    local = tmp_path / "local"
-    assert run_prep(str(corpus / "music"), str(prep_model), str(local), PrepConfig(**settings),
-                    log=lambda _: None).exit_code == EXIT_OK
-    expected, got = _samples(local), _samples(on_cluster)
+    # ... made with these settings but for the shard size
+    same = {k: v for k, v in PrepConfig(**settings).model_dump().items() if k != "shard_size_mb"}
+    prepared_with = json.loads((train_shards / "prep_report.json").read_text())["config"]
+    assert {k: prepared_with[k] for k in same} == same
+    expected, got = _samples(train_shards), _samples(on_cluster)
     assert set(got) == set(expected) and len(got) == 12
     for key in expected:
         assert torch.equal(got[key]["latent_mean"], expected[key]["latent_mean"])

@@ -1,19 +1,24 @@
 """Every path option of every command, given relative to a working directory that is neither the
 repository nor where Ray runs its workers (Ray Train workers run in the run's folder inside Ray's
-session directory): the driver resolves them all before anything reaches Ray."""
+session directory; the shared test Ray's other workers in the directory pytest started in): the
+driver resolves them all before anything reaches Ray.
+
+The commands run in this process (click's test runner) on the session's Ray, from the test's own
+working directory: the same command line and driver code as `acedist ...`, without a Python
+start-up and an embedded Ray per command."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
+import traceback
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from acestep_dist.audio import probe_audio
+from acestep_dist.cli import cli
 from acestep_dist.config import TrainConfig
 from acestep_dist.demo import CLIPS, synthesize_clips
 from acestep_dist.families.ace_step_15 import AceStep15
@@ -23,21 +28,23 @@ from acestep_dist.families.ace_step_15.training import build_trainable
 
 from test_convert import save_upstream
 
-ROOT = Path(__file__).resolve().parents[1]
 LYRICS = "[verse]\nfrom a file, relative to where you stand"
+# what the command line sets for the model libraries (`_quiet_libraries`): restored after each command
+QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
 
 
-def _acedist(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the checkout under test, whichever directory the command runs in
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "acestep_dist.cli", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"acedist {' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+def _acedist(*args: str) -> None:
+    """`acedist ARGS` in the current working directory; fails the test unless it exits with status 0."""
+    result = CliRunner().invoke(cli, list(args), prog_name="acedist",
+                                env={name: os.environ.get(name) for name in QUIET_ENV})
+    error = result.exception if not isinstance(result.exception, SystemExit) else None
+    assert result.exit_code == 0 and error is None, (
+        f"acedist {' '.join(args)} -> {result.exit_code}\n{result.output[-3000:]}\n"
+        + ("".join(traceback.format_exception(error))[-3000:] if error else ""))
 
 
 @pytest.mark.slow
-def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path):
+def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path, monkeypatch, ray_session):
     # `work/model` reads like a hub id (org/name): the folder of that name must win
     work = tmp_path / "work"
     write_tiny_checkpoint(work / "model", variant="turbo", latent_dim=4)
@@ -55,11 +62,13 @@ def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path):
     init = build_trainable(family, config).lora_weights()
     write_diffusers(init, work / "init")
 
-    _acedist(tmp_path, "convert", "work/upstream", "--out", "work/songs.jsonl", "--audio-root", "work/audio")
-    _acedist(tmp_path, "prep", "work/songs.jsonl", "--model", "work/model", "--out", "work/shards",
+    monkeypatch.chdir(tmp_path)
+
+    _acedist("convert", "work/upstream", "--out", "work/songs.jsonl", "--audio-root", "work/audio")
+    _acedist("prep", "work/songs.jsonl", "--model", "work/model", "--out", "work/shards",
              "--config", "work/prep.yaml")
-    _acedist(tmp_path, "inspect", "work/shards")
-    _acedist(tmp_path, "train", "--config", "work/train.yaml", "--data", "work/shards", "--model", "work/model",
+    _acedist("inspect", "work/shards")
+    _acedist("train", "--config", "work/train.yaml", "--data", "work/shards", "--model", "work/model",
              "--output", "work/run", "--workers", "1", "lora_rank=4", "lora_alpha=4",
              "init_lora=work/init/pytorch_lora_weights.safetensors", "validation_lyrics=work/lyrics.txt")
     state = json.loads((work / "run" / "final" / "acedist_state.json").read_text())
@@ -71,8 +80,8 @@ def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path):
     started = read_lora(work / "init" / "pytorch_lora_weights.safetensors").state_dict
     assert trained.keys() == started.keys() and any(not torch.equal(trained[k], started[k]) for k in trained)
 
-    _acedist(tmp_path, "export", "work/run", "--out", "work/export")
-    _acedist(tmp_path, "generate", "--model", "work/model", "--lora", "work/export/peft", "--prompt", "demo",
+    _acedist("export", "work/run", "--out", "work/export")
+    _acedist("generate", "--model", "work/model", "--lora", "work/export/peft", "--prompt", "demo",
              "--lyrics", "work/lyrics.txt", "--src-audio", f"work/audio/{names[0]}.flac", "--repaint", "0.5", "1.0",
              "--duration", "3", "--out", "work/out.wav")
     assert abs(probe_audio(work / "out.wav").duration - 3.0) < 0.05
