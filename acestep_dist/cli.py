@@ -36,6 +36,7 @@ def _quiet_libraries() -> None:
     commands report their own progress. Set through the libraries' own environment switches, so a
     command that loads no model never imports them (seconds per command), and Ray workers started
     from here inherit the same quiet."""
+    import importlib
     import os
     import warnings
 
@@ -44,6 +45,15 @@ def _quiet_libraries() -> None:
     for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                         ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(name, value)
+    # Libraries this process imported already (the CLI run from Python) read those switches at
+    # import: tell them directly.
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    for library in ("transformers", "diffusers"):
+        if library in sys.modules:
+            logging_module = importlib.import_module(f"{library}.utils.logging")
+            logging_module.disable_progress_bar()
+            logging_module.set_verbosity_error()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
