@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import PrepConfig
-from .errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, UserError
+from .errors import EXIT_OK, EXIT_PARTIAL, UserError
 from .records import Record
 from .sources.base import Problem
 from .sources.hf import list_hf_dataset, open_dataset

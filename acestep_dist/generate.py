@@ -20,7 +20,7 @@ import torch
 
 from .audio import decode_window, write_audio
 from .errors import UserError
-from .families import Family, ModelDescription, RenderRequest, open_model
+from .families import Family, RenderRequest, open_model
 from .records import Record
 
 TEXT2MUSIC_DURATION = 30.0  # seconds, when --duration is not given and there is no source
@@ -105,8 +105,6 @@ def _check_task(request: GenerateRequest, family: Family) -> str:
     task = request.chosen_task
     if task not in family.tasks:
         raise UserError(f"{family.name} cannot {task}; its tasks: {', '.join(family.tasks)}")
-    if request.repaint and not request.src_audio:
-        raise UserError("--repaint needs --src-audio (the audio to repaint)")
     if task in ("repaint", "cover") and not request.src_audio:
         raise UserError(f"{task} needs --src-audio")
     if task == "repaint" and not request.repaint:
@@ -116,7 +114,7 @@ def _check_task(request: GenerateRequest, family: Family) -> str:
     return task
 
 
-def _check_lora(family: Family, description: ModelDescription, lora: str) -> None:
+def _check_lora(family: Family, lora: str) -> None:
     """A LoRA another family or variant trained is refused before the model loads."""
     provenance = family.lora_info(lora).get("provenance") or {}
     other = provenance.get("family")
@@ -143,7 +141,7 @@ def generate(model: str, request: GenerateRequest, out: str | Path, lora: str | 
     if source is not None and rate != CHECK_RATE:
         source = _read_source(request.src_audio, rate)
     if lora:
-        _check_lora(family, description, lora)  # a bad LoRA fails before the model loads
+        _check_lora(family, lora)  # a bad LoRA fails before the model loads
     if source is not None:
         samples = source.shape[-1]
         duration = samples / rate  # the metas line says the source's length, as upstream's does

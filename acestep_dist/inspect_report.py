@@ -92,7 +92,7 @@ def _read_and_verify_markers(fs, root: str, out: str, marker_paths: list[str],
 
 def _check_families_and_keys(survey: _MarkerSurvey, problems: dict[str, list[str]]) -> None:
     if len(survey.schemas) > 1:
-        problems["families"] = [f"one output holds one family's samples; found " + "; ".join(
+        problems["families"] = ["one output holds one family's samples; found " + "; ".join(
             f"{family} v{version} in {len(shards)} shard(s) (e.g. {shards[0]})"
             for (family, version), shards in survey.schemas.items())]
     # training keeps one sample per key: a second one would silently replace the first

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import ACE15, CORPUS, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM, ROOT, pack_tensors  # noqa: E402,F401
+from common import ACE15, CORPUS, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM, pack_tensors  # noqa: E402,F401
 
 from acestep_dist.config import PrepConfig, TrainConfig  # noqa: E402
 from acestep_dist.shards import EncodedSample, write_shard  # noqa: E402
@@ -93,7 +93,7 @@ def loader(samples: int = 256, clip_seconds: float = 60.0, batch: int = 8) -> di
             manifest += marker.samples
         with open(f"{out}/manifest.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in manifest)
-        refs = index_shards(out)
+        refs = open_training_data(out).refs
         plan, reader = EpochPlan(refs, 0, batch, 1, 1), SampleReader(refs, ACE15.schema)
         # the family as training loads it (collate pads lyrics with its tokenizer's pad id)
         tiny = ACE15.write_tiny(Path(out) / "model", "turbo")

@@ -133,7 +133,8 @@ class SampleSchema:
     def problems(self, tensors: dict[str, "torch.Tensor"], lengths: dict[str, Any]) -> list[str]:
         """Why ``tensors`` are not a sample of these lengths (missing, wrong dtype or length)."""
         found = []
-        for name, (spec, length) in self.expected(lengths).items():
+        expected = self.expected(lengths)
+        for name, (spec, length) in expected.items():
             tensor = tensors.get(name)
             if tensor is None:
                 found.append(f"lacks tensor {name}")
@@ -142,7 +143,7 @@ class SampleSchema:
                              f"{spec.axis} of {spec.dtype}")
             elif spec.same_shape_as and spec.same_shape_as in tensors and tensors[spec.same_shape_as].shape != tensor.shape:
                 found.append(f"{name} and {spec.same_shape_as} shapes differ")
-        undeclared = sorted(set(tensors) - set(self.expected(lengths)))
+        undeclared = sorted(set(tensors) - set(expected))
         if undeclared:
             found.append(f"holds tensors its schema does not declare: {', '.join(undeclared)}")
         return found

@@ -19,7 +19,7 @@ from ...records import Record
 from . import prompts
 from .attention import install_padding_masks
 from .loading import ALL_PARTS, AceStep15Components, load_components
-from .options import LORA_PRESETS, PrepOptions
+from .options import PrepOptions, lora_targets
 from .pipeline import AceStepRowPipeline, tokenize
 from .variants import VariantSpec
 
@@ -271,9 +271,7 @@ class AceStep15:
         return per_sample.mean(), per_sample, t
 
     def lora_targets(self, preset: str = "attention") -> tuple[str, ...]:
-        if preset not in LORA_PRESETS:
-            raise ValueError(f"unknown LoRA preset {preset!r}; known: {', '.join(LORA_PRESETS)}")
-        return LORA_PRESETS[preset]
+        return lora_targets(preset)
 
     # --------------------------------------------------------------- sampling
     def pipeline(self) -> AceStepRowPipeline:

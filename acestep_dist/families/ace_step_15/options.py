@@ -17,6 +17,15 @@ LORA_PRESETS = {
 }
 
 
+def lora_targets(preset: str) -> tuple[str, ...]:
+    """The DiT modules a LoRA preset adapts."""
+    from ...errors import UserError
+
+    if preset not in LORA_PRESETS:
+        raise UserError(f"lora_preset {preset!r} is not one of ACE-Step 1.5's: {', '.join(LORA_PRESETS)}")
+    return LORA_PRESETS[preset]
+
+
 class PrepOptions(FamilyOptions):
     text_max_tokens: int = Field(256, gt=0, description="the text encoder's limit at inference")
     lyric_max_tokens: int = Field(2048, gt=0)

@@ -17,7 +17,7 @@ from ..base import RenderRequest, Trainable
 from .attention import install_padding_masks
 from .family import AceStep15, TrainingBatch
 from .lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
-from .options import TrainOptions
+from .options import TrainOptions, lora_targets
 from .variants import VariantSpec
 
 ADAPTER_NAME = "default"
@@ -55,14 +55,6 @@ def training_recipe(variant: VariantSpec, config) -> TrainingRecipe:
         raise UserError(f"{problem} (the {variant.name} variant's default sampler)")
     return variant.recipe(sampler, config.cfg_dropout, mu=config.timestep_mu, sigma=config.timestep_sigma,
                           shift=config.timestep_shift)
-
-
-def lora_targets(preset: str) -> tuple[str, ...]:
-    from .options import LORA_PRESETS
-
-    if preset not in LORA_PRESETS:
-        raise UserError(f"lora_preset {preset!r} is not one of ACE-Step 1.5's: {', '.join(LORA_PRESETS)}")
-    return LORA_PRESETS[preset]
 
 
 def lora_config(config, targets: Sequence[str]):
