@@ -76,8 +76,12 @@ def model() -> None:
 @click.option("--variant", type=click.Choice(_variant_choices()), help="default: the family's own default")
 @click.option("--latent-dim", type=click.IntRange(min=2), help="VAE latent channels, where the family has them "
                                                                  "(ACE-Step 1.5: 8 by default, 64 in the real model)")
+@click.option("--part", "parts", multiple=True, metavar="NAME=FOLDER",
+              help="copy a component folder instead of random weights, where the family takes one "
+                   "(ACE-Step v1: dcae, vocoder)")
 @click.option("--seed", default=0, show_default=True, type=int)
-def model_tiny(out_dir: str, family_name: str, variant: str | None, latent_dim: int | None, seed: int) -> None:
+def model_tiny(out_dir: str, family_name: str, variant: str | None, latent_dim: int | None, parts: tuple[str, ...],
+               seed: int) -> None:
     """Write a tiny random-weight checkpoint of a family's real architecture, for tests and demos."""
     from pathlib import Path
 
@@ -86,7 +90,15 @@ def model_tiny(out_dir: str, family_name: str, variant: str | None, latent_dim: 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new folder")
-    family.write_tiny(out, variant, seed=seed, **({"latent_dim": latent_dim} if latent_dim is not None else {}))
+    options: dict = {"latent_dim": latent_dim} if latent_dim is not None else {}
+    for part in parts:
+        name, sep, folder = part.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--part {part!r}: give NAME=FOLDER")
+        if not Path(folder).is_dir():
+            raise UserError(f"--part {part!r}: {folder} is not a folder")
+        options[name] = str(Path(folder).resolve())
+    family.write_tiny(out, variant, seed=seed, **options)
     click.echo(f"wrote tiny {family.name} {variant} checkpoint to {out}")
 
 
@@ -251,9 +263,11 @@ def export(run, out, fmt, name) -> None:
 @click.option("--repaint", nargs=2, type=float, metavar="START END",
               help="seconds of --src-audio to regenerate (0 <= START < END <= its length)")
 @click.option("--cover-strength", default=1.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--lyrics-vocab", type=click.Path(dir_okay=False, exists=True),
+              help="ACE-Step v1: upstream's lyric vocab.json (default: an installed ACE-Step's)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.wav (float) or FILE.flac")
 def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, timesignature, language, steps,
-             guidance, shift, seed, task, src_audio, repaint, cover_strength, out) -> None:
+             guidance, shift, seed, task, src_audio, repaint, cover_strength, lyrics_vocab, out) -> None:
     """Render PROMPT (and lyrics) to audio with MODEL, optionally with a LoRA."""
     from .generate import GenerateRequest, generate as render
     from .paths import existing_file_text
@@ -262,7 +276,7 @@ def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, t
     request = GenerateRequest.text(prompt, lyrics, bpm, keyscale, timesignature, language, duration=duration,
                                    steps=steps, guidance=guidance, shift=shift, seed=seed, src_audio=src_audio,
                                    repaint=tuple(repaint) if repaint else None, cover_strength=cover_strength,
-                                   task=task)
+                                   task=task, options={"lyrics_vocab": lyrics_vocab} if lyrics_vocab else {})
     render(model, request, out, lora=lora, lora_scale=lora_scale, log=click.echo)
 
 

@@ -1,6 +1,6 @@
 """`make demo`: the whole chain on a tiny random-weight model, as far as the chain exists.
 
-Stages so far: build a tiny ACE-Step 1.5 checkpoint -> synthesise captioned clips with lyrics
+Stages: build a tiny ACE-Step 1.5 (or, with ``--family ace-step-v1``, v1) checkpoint -> synthesise captioned clips with lyrics
 (SimpleTuner folder layout) -> `acedist prep` them into WebDataset shards on an embedded Ray
 cluster -> `acedist inspect` the shards -> `acedist train` a LoRA on them (Ray Train + DeepSpeed)
 -> `acedist export` it in the three LoRA formats -> `acedist generate` a wav with it. Nothing here
@@ -72,7 +72,20 @@ def _acedist(*args: str, allowed=(0,)) -> None:
         raise SystemExit(f"acedist {' '.join(args)} failed with exit status {code}")
 
 
-def run(out: Path) -> dict:
+# per family: the tiny checkpoint's variant folder name, the training recipe and its tiny-model overrides,
+# the LoRA file generate renders with, the prep / generate extras
+FAMILY_PLANS = {
+    "ace-step-1.5": {"title": "ACE-Step 1.5", "model": "tiny-turbo", "recipe": "turbo-lora.yaml", "train": [],
+                     "lora": "comfyui/demo-lora.safetensors",
+                     "formats": "diffusers, upstream ACE-Step (PEFT) and ComfyUI"},
+    # upstream's recipe at a tiny rank (rank 256 on a 64-wide DiT would be no adapter at all)
+    "ace-step-v1": {"title": "ACE-Step v1", "model": "tiny-v1", "recipe": "v1-lora.yaml",
+                    "train": ["lora_rank=8", "lora_alpha=4", "gradient_checkpointing=false"],
+                    "lora": "upstream", "formats": "upstream ACE-Step / SimpleTuner and ComfyUI"},
+}
+
+
+def run(out: Path, family: str = "ace-step-1.5", lyrics_vocab: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -89,9 +102,11 @@ def run(out: Path) -> dict:
     report: dict = {}
     started = time.time()
 
-    _stage("1/7 tiny ACE-Step 1.5 checkpoint (acedist model tiny)")
-    model_dir = out / "tiny-turbo"
-    _acedist("model", "tiny", "--out", str(model_dir))
+    plan = FAMILY_PLANS[family]
+    vocab = ["lyrics_vocab=" + str(Path(lyrics_vocab).resolve())] if lyrics_vocab else []
+    _stage(f"1/7 tiny {plan['title']} checkpoint (acedist model tiny)")
+    model_dir = out / plan["model"]
+    _acedist("model", "tiny", "--family", family, "--out", str(model_dir))
 
     _stage("2/7 synthesise captioned clips with lyrics")
     clips = synthesize_clips(out / "songs")
@@ -99,30 +114,31 @@ def run(out: Path) -> dict:
 
     _stage("3/7 prep to WebDataset shards on an embedded Ray cluster (acedist prep)")
     shards = out / "shards"
-    _acedist("prep", str(out / "songs"), "--model", str(model_dir), "--out", str(shards))
+    _acedist("prep", str(out / "songs"), "--model", str(model_dir), "--out", str(shards), *vocab)
 
     _stage("4/7 verify the shards (acedist inspect)")
     _acedist("inspect", str(shards))
 
     _stage("5/7 LoRA fine-tune on the shards with Ray Train + DeepSpeed ZeRO-2 (acedist train)")
     run_dir = out / "run"
-    _acedist("train", "--config", str(CONFIGS / "train" / "turbo-lora.yaml"), "--data", str(shards),
+    _acedist("train", "--config", str(CONFIGS / "train" / plan["recipe"]), "--data", str(shards),
              "--model", str(model_dir), "--output", str(run_dir), "--workers", "1",
              "max_train_steps=8", "checkpointing_steps=4", "log_interval=2", "lr_warmup_steps=2", "learning_rate=1e-3",
              "gradient_accumulation_steps=1", "train_batch_size=2", "validation_step_interval=8",
-             "validation_audio_duration=4")
+             "validation_audio_duration=4", *plan["train"], *vocab)
     state = json.loads((run_dir / "final" / "acedist_state.json").read_text())
     report["train_steps"] = state["step"]
 
-    _stage("6/7 export the LoRA for diffusers, upstream ACE-Step (PEFT) and ComfyUI (acedist export)")
+    _stage(f"6/7 export the LoRA for {plan['formats']} (acedist export)")
     exported = out / "export"
     _acedist("export", str(run_dir), "--out", str(exported), "--format", "all", "--name", "demo-lora")
 
     _stage("7/7 render with the exported LoRA (acedist generate; tiny random model: expect noise)")
     wav = out / "sample.wav"
-    _acedist("generate", "--model", str(model_dir), "--lora", str(exported / "comfyui" / "demo-lora.safetensors"),
+    _acedist("generate", "--model", str(model_dir), "--lora", str(exported / plan["lora"]),
              "--prompt", CLIPS[0][1], "--lyrics", CLIPS[0][2], "--bpm", str(CLIPS[0][3]), "--keyscale", CLIPS[0][4],
-             "--timesignature", CLIPS[0][5], "--language", "en", "--duration", "4", "--seed", "0", "--out", str(wav))
+             "--timesignature", CLIPS[0][5], "--language", "en", "--duration", "4", "--seed", "0", "--out", str(wav),
+             *(["--lyrics-vocab", str(Path(lyrics_vocab).resolve())] if lyrics_vocab else []))
     samples = sum(1 for _ in open(shards / "manifest.jsonl"))
     report.update(samples=samples, sample=str(wav), seconds=round(time.time() - started, 1))
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -133,7 +149,11 @@ def run(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-run", type=Path)
-    run(parser.parse_args().out)
+    parser.add_argument("--family", default="ace-step-1.5", choices=sorted(FAMILY_PLANS))
+    parser.add_argument("--lyrics-vocab", help="ACE-Step v1: upstream's lyric vocab.json "
+                                               "(default: an installed ACE-Step's)")
+    args = parser.parse_args()
+    run(args.out, args.family, args.lyrics_vocab)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ is as long as the source, and the prompt's metas line gives the source's duratio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class GenerateRequest:
     repaint: tuple[float, float] | None = None
     cover_strength: float = 1.0
     task: str | None = None  # default: repaint with --repaint, cover with --src-audio alone, else text2music
+    options: dict = field(default_factory=dict)  # family-specific render settings (ACE-Step v1: lyrics_vocab)
 
     @classmethod
     def text(cls, prompt: str, lyrics: str | None = None, bpm: int | None = None, keyscale: str | None = None,
@@ -151,7 +152,8 @@ def generate(model: str, request: GenerateRequest, out: str | Path, lora: str | 
     loaded = family.load(description, "generate")
     render = RenderRequest(request.record.with_(duration=duration), duration, task=task, seed=request.seed,
                            steps=request.steps, guidance=request.guidance, shift=request.shift,
-                           source_audio=source, repaint=request.repaint, cover_strength=request.cover_strength)
+                           source_audio=source, repaint=request.repaint, cover_strength=request.cover_strength,
+                           options=dict(request.options))
     audio = loaded.generate(render, lora=lora, lora_scale=lora_scale, log=log)
     # the model works in whole latent frames; the file gets exactly the asked (or the source's) length
     audio = audio[..., :samples]

@@ -2,7 +2,7 @@
 
 Stages ask it for a family by name (``get``), for the family of a checkpoint (``open_model``), or
 for every family's choices (``families``) and hold only the ``Family`` / ``FamilyModel`` objects of
-``base.py``. ACE-Step 1.5 is built in. Other families register themselves:
+``base.py``. ACE-Step 1.5 and v1 are built in. Other families register themselves:
 
 - installed packages through the entry-point group ``acestep_dist.families`` (an entry point names
   a ``Family`` instance or class), or
@@ -59,8 +59,10 @@ def _ensure_loaded() -> None:
         return
     _loaded = True
     from .ace_step_15 import FAMILY as ace_step_15
+    from .ace_step_v1.interface import FAMILY as ace_step_v1
 
     register(ace_step_15)
+    register(ace_step_v1)
     from importlib.metadata import entry_points
 
     for entry in entry_points(group=ENTRY_POINT_GROUP):

@@ -193,6 +193,7 @@ class RenderRequest:
     source_audio: Any = None  # [channels, n] float tensor at the model's rate (repaint / cover)
     repaint: tuple[float, float] | None = None
     cover_strength: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)  # family-specific settings (ACE-Step v1: lyrics_vocab)
 
 
 class Trainable(ABC):
