@@ -333,3 +333,92 @@ def test_generate_renders_with_the_exported_lora(v1_run, v1_model, tmp_path):
         assert info.sample_rate == 48000 and abs(info.duration - 2.0) < 1e-3
         wavs[name] = decode_window(str(wav), 0.0, None, 48000).wave
     assert np.abs(wavs["lora"] - wavs["base"]).max() > 0
+
+
+def test_init_lora_continues_from_upstream_simpletuner_and_comfyui_files(v1_run, v1_model, tmp_path):
+    """Any spelling continues training with the adapter's effect kept: our export (scale baked in),
+    a SimpleTuner / old-upstream file (bare keys, no alpha: scale 1), ComfyUI's (.alpha)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from acestep_dist.families.ace_step_v1.lora_formats import read_lora
+
+    out = tmp_path / "export"
+    _ok(_acedist("export", str(v1_run), "--out", str(out), "--format", "all", "--name", "x"))
+    trained = read_lora(v1_run / "final" / "pytorch_lora_weights.safetensors")  # rank 4, alpha 8, rsLoRA: scale 4
+    bare = tmp_path / "simpletuner" / "pytorch_lora_weights.safetensors"
+    bare.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state.items()}, str(bare))  # read as scale 1
+    description = FAMILY.describe(str(v1_model))
+    for source, effect in ((out / "upstream", 4.0), (out / "comfyui" / "x.safetensors", 4.0), (bare, 1.0)):
+        # the run's own setting differs from the file's (alpha 2, no rsLoRA: scale 0.5)
+        config = _config(init_lora=str(source), lora_alpha=2.0, use_rslora=False)
+        FAMILY.check_training(description, config, FAMILY.options(config))
+        model = FAMILY.load(description, "train")
+        model.trainable(config, FAMILY.options(config))
+        loaded = get_peft_model_state_dict(model.operations.components.transformer, adapter_name="default")
+        for key, value in trained.state.items():
+            # the same delta: scale 0.5 x B' A' == effect x B A, each factor sqrt(effect / 0.5)
+            torch.testing.assert_close(loaded[key], value * math.sqrt(effect / 0.5))
+    with pytest.raises(UserError, match="rank 4 \\(lora_rank is 8\\)"):
+        config = _config(init_lora=str(out / "upstream"), lora_rank=8)
+        FAMILY.check_training(description, config, FAMILY.options(config))
+    with pytest.raises(UserError, match="outside lora_preset 'attention'"):
+        config = _config(init_lora=str(out / "upstream"), lora_preset="attention")
+        FAMILY.check_training(description, config, FAMILY.options(config))
+
+
+def test_full_fine_tune_with_the_lyric_encoder_exports_a_checkpoint_that_renders(tmp_path, v1_shards, v1_model):
+    """Full DiT + lyric embedder in full with its own rate, 2 workers, ZeRO-3, gradient checkpointing."""
+    from safetensors.torch import load_file
+
+    from acestep_dist.families.ace_step_v1.transformer import ACEStepTransformer2DModel
+    from pipelines.train import run_train
+
+    run = tmp_path / "full"
+    config = _config(model_type="full", lyrics_embedder_train=True, lyrics_embedder_lr=1e-3, zero_stage=3,
+                     gradient_checkpointing=True, train_batch_size=1, max_train_steps=2, checkpointing_steps=2,
+                     learning_rate=1e-3)
+    run_train(config, str(v1_shards), str(v1_model), str(run), workers=2, log=lambda _: None)
+    state = json.loads((run / "final" / "acedist_state.json").read_text())
+    assert state["weights"] == ["ace_step_transformer"] and state["world_size"] == 2
+    base = load_file(str(v1_model / "ace_step_transformer" / "diffusion_pytorch_model.safetensors"))
+    trained = load_file(str(run / "final" / "ace_step_transformer" / "diffusion_pytorch_model.safetensors"))
+    assert sorted(trained) == sorted(base)  # upstream's keys, nothing added
+    for part in ("transformer_blocks.0.attn.to_q.weight", "lyric_encoder.encoders.0.self_attn.linear_q.weight",
+                 "lyric_embs.weight"):
+        assert float((trained[part] - base[part]).abs().max()) > 0, part
+    out = tmp_path / "export"
+    _ok(_acedist("export", str(run), "--out", str(out)))
+    exported = out / "upstream"
+    assert sorted(p.name for p in exported.iterdir()) == ["ace_step_transformer", "music_dcae_f8c8", "music_vocoder",
+                                                          "umt5-base"]
+    reloaded = ACEStepTransformer2DModel.from_pretrained(str(exported / "ace_step_transformer"))
+    assert reloaded.config.lyric_encoder_config["num_blocks"] == 1
+    wav = tmp_path / "full.wav"
+    _ok(_acedist("generate", "--model", str(exported), "--prompt", "calm piano", "--duration", "1", "--steps", "2",
+                 "--out", str(wav)))
+    assert wav.is_file()
+
+
+def test_a_lora_run_that_trains_the_lyric_encoder_exports_and_renders_it(tmp_path, v1_shards, v1_model):
+    from safetensors.torch import load_file
+
+    from acestep_dist.families.ace_step_v1.lora_formats import load_lora_into
+    from acestep_dist.families.ace_step_v1.transformer import ACEStepTransformer2DModel
+    from pipelines.train import run_train
+
+    run = tmp_path / "lyric-lora"
+    config = _config(lyrics_embedder_train=True, lyrics_embedder_lr=1e-2, train_batch_size=2, max_train_steps=2,
+                     checkpointing_steps=2, lora_preset="attention")
+    run_train(config, str(v1_shards), str(v1_model), str(run), workers=1, log=lambda _: None)
+    state = json.loads((run / "final" / "acedist_state.json").read_text())
+    assert state["weights"] == ["pytorch_lora_weights.safetensors", "lyric_encoder.safetensors"]
+    lyric = load_file(str(run / "final" / "lyric_encoder.safetensors"))
+    assert "lyric_embs.weight" in lyric and not any("lora_" in k or "base_layer" in k for k in lyric)
+    out = tmp_path / "export"
+    _ok(_acedist("export", str(run), "--out", str(out), "--format", "upstream"))
+    assert (out / "upstream" / "lyric_encoder.safetensors").is_file()
+    transformer = ACEStepTransformer2DModel.from_pretrained(str(v1_model / "ace_step_transformer"))
+    load_lora_into(transformer, out / "upstream")
+    torch.testing.assert_close(transformer.lyric_embs.weight.detach(), lyric["lyric_embs.weight"])

@@ -28,9 +28,11 @@ comfyui/{name}.safetensors
 acedist: acedist generate --model BASE --lora <either file> ...
 {lyric}"""
 LYRIC_NOTE = """
-lyric_encoder.safetensors
-    the lyric embedding, Conformer and projection trained in full (lyrics_embedder_train): load it
-    into the DiT (upstream keys lyric_embs.*, lyric_encoder.*, lyric_proj.*) beside the LoRA.
+upstream/lyric_encoder.safetensors
+    the lyric embedding, Conformer and projection trained in full (lyrics_embedder_train), upstream
+    key names (lyric_embs.*, lyric_encoder.*, lyric_proj.*): load them into the DiT with
+    load_state_dict(strict=False) beside the LoRA. acedist generate --lora upstream/ does; upstream's
+    load_lora and ComfyUI read the LoRA only.
 """
 FULL_README = """A full fine-tune of the ACE-Step v1 DiT.
 
@@ -53,8 +55,11 @@ def export_lora(run_folder: Path, weights: Sequence[str], out: Path, formats: Se
         written.append(write_comfyui(lora, out / "comfyui" / f"{name}.safetensors", provenance))
     lyric = ""
     if LYRIC_ENCODER_FILE in weights:
-        shutil.copyfile(run_folder / LYRIC_ENCODER_FILE, out / LYRIC_ENCODER_FILE)
-        written.append(out / LYRIC_ENCODER_FILE)
+        # beside the upstream-format LoRA, where `acedist generate --lora upstream/` loads it too
+        target = out / "upstream" / LYRIC_ENCODER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_folder / LYRIC_ENCODER_FILE, target)
+        written.append(target)
         lyric = LYRIC_NOTE
     body = LORA_README.format(rank=lora.rank, alpha=lora.alpha, scale=lora.scale, name=name, lyric=lyric,
                               rslora=" rsLoRA" if lora.use_rslora else "", targets=", ".join(lora.targets))

@@ -86,7 +86,7 @@ class LoraWeights:
 # ----------------------------------------------------------------------------------- reading
 def _weights_file(path: Path) -> Path:
     if path.is_dir():
-        candidates = [path / UPSTREAM_FILE] + sorted(path.glob("*.safetensors"))
+        candidates = [path / UPSTREAM_FILE] + sorted(p for p in path.glob("*.safetensors") if p.name != LYRIC_ENCODER_FILE)
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
@@ -248,13 +248,33 @@ def write_comfyui(weights: LoraWeights, file: Path, provenance: dict | None = No
 
 
 # ------------------------------------------------------------------------------ generation
+LYRIC_ENCODER_FILE = "lyric_encoder.safetensors"  # a run's fully trained lyric parts (lyrics_embedder_train)
+
+
+def load_lyric_encoder(transformer: torch.nn.Module, file: Path) -> None:
+    """The lyric embedding / Conformer / projection weights of ``file`` into ``transformer``."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{file}: cannot read the trained lyric encoder (truncated or corrupt?): {error}") from None
+    own = transformer.state_dict()
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if not state or wrong or not all(k.startswith(("lyric_embs.", "lyric_encoder.", "lyric_proj.")) for k in state):
+        raise UserError(f"{file} is not a lyric encoder of this ACE-Step v1 DiT (keys {wrong[:3] or 'none'} do not fit)")
+    transformer.load_state_dict(state, strict=False)
+
+
 def load_lora_into(transformer: torch.nn.Module, path: str | Path, scale: float = 1.0,
                    adapter_name: str = "generate") -> LoraWeights:
-    """Add the LoRA at ``path`` to ``transformer`` applying ``scale`` x its trained scale."""
+    """Add the LoRA at ``path`` to ``transformer`` applying ``scale`` x its trained scale, and the
+    trained lyric encoder saved beside it, if any."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     weights = read_lora(path)
     check_fits(weights, transformer, path)
+    lyric_file = _weights_file(Path(path)).parent / LYRIC_ENCODER_FILE
+    if lyric_file.is_file():
+        load_lyric_encoder(transformer, lyric_file)
     factor = math.sqrt(abs(weights.scale * scale))
     sign = -1.0 if weights.scale * scale < 0 else 1.0
     state = {k: v * factor * (sign if k.endswith(".lora_B.weight") else 1.0) for k, v in weights.state.items()}
