@@ -422,3 +422,27 @@ def test_a_lora_run_that_trains_the_lyric_encoder_exports_and_renders_it(tmp_pat
     transformer = ACEStepTransformer2DModel.from_pretrained(str(v1_model / "ace_step_transformer"))
     load_lora_into(transformer, out / "upstream")
     torch.testing.assert_close(transformer.lyric_embs.weight.detach(), lyric["lyric_embs.weight"])
+
+
+def test_the_hub_id_loads_from_the_hugging_face_cache(tmp_path, monkeypatch, v1_model):
+    """The hub code path, with the cache filled by hand (tests cannot reach the hub)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from acestep_dist.errors import ModelLoadError
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--ACE-Step--ACE-Step-v1-3.5B"
+    shutil.copytree(v1_model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    description = FAMILY.describe("ACE-Step/ACE-Step-v1-3.5B")
+    assert description.source == str((repo / "snapshots" / revision).resolve())
+    assert description.fingerprint == FAMILY.describe(str(v1_model)).fingerprint
+    model = FAMILY.load(description, "train")
+    assert model.operations.components.transformer.config.num_layers == 2
+    with pytest.raises(ModelLoadError, match="ACE-Step/ACE-Step-v1-other"):
+        FAMILY.describe("ACE-Step/ACE-Step-v1-other")  # not in the cache, hub unreachable: named
