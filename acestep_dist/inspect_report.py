@@ -124,20 +124,38 @@ def _gather_statistics(survey: _MarkerSurvey, shard_count: int) -> dict[str, Any
         "hours": sum(m["duration"] for m in metas) / 3600,
         "_durations": [m["duration"] for m in metas],
         "_bpms": [m["bpm"] for m in metas if m.get("bpm")],
-        "_counts": {count: [m[count] for m in metas if count in m]
-                    for count in (survey.schema.counts if survey.schema is not None else ()) if count != "frames"},
+        "_counts": _counts(survey.schema, metas),
         "keys": Counter(m.get("keyscale") or "unknown" for m in metas),
         "languages": Counter(m.get("language") or "unknown" for m in metas),
         "with_lyrics": sum(1 for m in metas if m.get("lyrics")),
         "caption_chars": _spread([len(m["caption"]) for m in metas]),
     }
     stats["duration"], stats["bpms"] = _spread(stats["_durations"]), _spread(stats["_bpms"])
+    optional = _optional_counts(survey.schema)
     for count, values in stats["_counts"].items():
         stats[count] = _spread(values)
+        if count in optional:  # an optional tensor's: how many samples hold it
+            stats[count]["samples"] = len(values)
     if survey.schemas:
         stats["families"] = {f"{family} v{version}": len(shards)
                              for (family, version), shards in survey.schemas.items()}
     return stats
+
+
+def _optional_counts(schema) -> set[str]:
+    return {spec.length for spec in schema.tensors if spec.optional} if schema is not None else set()
+
+
+def _counts(schema, metas: list[dict[str, Any]]) -> dict[str, list]:
+    """Each count the schema measures (but frames: the duration's) over the samples that have it;
+    an optional tensor's count only when some sample holds the tensor."""
+    optional = _optional_counts(schema)
+    counts = {}
+    for count in (schema.counts if schema is not None else ()):
+        values = [m[count] for m in metas if m.get(count) is not None]
+        if count != "frames" and (values or count not in optional):
+            counts[count] = values
+    return counts
 
 
 def _write_report(fs, root: str, stats: dict[str, Any], problems: dict[str, list[str]]) -> dict[str, Any]:
@@ -153,7 +171,9 @@ def _write_report(fs, root: str, stats: dict[str, Any], problems: dict[str, list
 def _spread_line(label: str, spread: dict[str, float], unit: str = "") -> str:
     if not spread:
         return f"{label:<14} -"
-    return f"{label:<14} min {spread['min']:.1f}{unit}  median {spread['median']:.1f}{unit}  max {spread['max']:.1f}{unit}"
+    held = f"  ({spread['samples']} samples)" if "samples" in spread else ""
+    return (f"{label:<14} min {spread['min']:.1f}{unit}  median {spread['median']:.1f}{unit}  "
+            f"max {spread['max']:.1f}{unit}{held}")
 
 
 def _print_summary(out: str, root: str, stats: dict[str, Any], report: dict[str, Any],

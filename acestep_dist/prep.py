@@ -178,10 +178,12 @@ def _load_model(family_name: str, model: str, purpose: str, device: str | None):
 
 class AudioEncoder:
     """Ray actor: the family's audio tensors of each decoded window, one window per call (no
-    padding, so the result does not depend on other windows), as a safetensors blob in the row."""
+    padding, so the result does not depend on other windows), as a safetensors blob in the row.
+    ``options``: the family's prep options as the driver validated them (None: its defaults)."""
 
-    def __init__(self, family: str, model: str, device: str | None = None):
+    def __init__(self, family: str, model: str, options: dict | None = None, device: str | None = None):
         self.family, self.model = _load_model(family, model, "encode-audio", device)
+        self.options = self.family.prep_options.model_validate(options or {})
 
     def __call__(self, row: dict) -> dict:
         if row["status"] != OK:
@@ -191,8 +193,11 @@ class AudioEncoder:
 
         try:
             wave = np.frombuffer(row["wave"], dtype=np.float32).reshape(2, row["wave_samples"])
-            tensors = self.model.encode_audio(torch.from_numpy(wave.copy()))
-            blob = save_safetensors({name: value.detach().float().cpu().contiguous() if value.is_floating_point()
+            tensors = self.model.encode_audio(torch.from_numpy(wave.copy()), self.options)
+            # float32 on the way to the text stage (the schema's dtype is applied when the sample is
+            # packed); bfloat16 stays so: losslessly half the bytes of large features
+            blob = save_safetensors({name: value.detach().float().cpu().contiguous()
+                                     if value.is_floating_point() and value.dtype != torch.bfloat16
                                      else value.detach().cpu().contiguous() for name, value in tensors.items()})
         except Exception as error:
             return _reject({**row, "wave": b""}, "encode_audio", f"{type(error).__name__}: {error}")

@@ -58,8 +58,8 @@ def _fingerprint(family: Family, description: ModelDescription, config: PrepConf
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _records_per_shard(config: PrepConfig, family: Family, description: ModelDescription) -> int:
-    bytes_per_record = family.sample_bytes(description, config.max_duration)
+def _records_per_shard(config: PrepConfig, family: Family, description: ModelDescription, options=None) -> int:
+    bytes_per_record = family.sample_bytes(description, config.max_duration, options)
     return max(1, int(config.shard_size_mb * 1e6 // max(bytes_per_record, 1.0)))
 
 
@@ -166,7 +166,7 @@ def _build_dataset(rows: list[dict], family: str, model: str, config: PrepConfig
     # one file at a time.
     ds = ds.map(decode_row, fn_kwargs={"config": config, "sample_rate": sample_rate}, num_cpus=plan.cpus_per_task,
                 memory=DECODE_TASK_MEMORY, **({"concurrency": config.decode_workers} if config.decode_workers else {}))
-    ds = ds.map(AudioEncoder, fn_constructor_kwargs={"family": family, "model": model},
+    ds = ds.map(AudioEncoder, fn_constructor_kwargs={"family": family, "model": model, "options": options},
                 compute=ActorPoolStrategy(size=plan.vae_actors), num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"family": family, "model": model, "config": config,
                                                             "options": options},
@@ -266,7 +266,8 @@ def _plan_shards(listing, job: _Job) -> tuple[list[dict], list[list[int]], list[
     positions per shard, records per shard, plan hash per shard)``."""
     planned = _plan_inputs(listing.records, job.config)
     packed = _pack_shards([window_count(row) for row in planned],
-                          _records_per_shard(job.config, job.family, job.description))
+                          _records_per_shard(job.config, job.family, job.description,
+                                             job.family.prep_options.model_validate(job.options)))
     shards = [[listing.records[position] for position in members] for members in packed]
     plans = [_plan_hash(members) for members in shards]
     return planned, packed, shards, plans

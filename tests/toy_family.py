@@ -187,7 +187,7 @@ class ToyModel(FamilyModel):
                                        if k.startswith("velocity.")})
 
     # -------------------------------------------------------------------------- prep
-    def encode_audio(self, wave):
+    def encode_audio(self, wave, options=None):
         if wave.dim() != 2 or wave.shape[0] != 2:
             raise ValueError(f"expected a [2, n] waveform, got {list(wave.shape)}")
         frames = wave.shape[1] // self.hop
@@ -385,7 +385,7 @@ class ToyFamily(Family):
     def load(self, description: ModelDescription, purpose: str, *, dtype=None, device: str = "cpu") -> ToyModel:
         return ToyModel(description, purpose, device)  # tiny: every purpose gets every part, in float32
 
-    def sample_bytes(self, description: ModelDescription, seconds: float) -> float:
+    def sample_bytes(self, description: ModelDescription, seconds: float, options=None) -> float:
         return 4 * FEATURES * description.frames_per_second * seconds + 2 * description.dimensions["text_width"] * 64
 
     def write_tiny(self, out: Path, variant: str, seed: int = 0, **options: Any) -> Path:

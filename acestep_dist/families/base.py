@@ -44,7 +44,11 @@ class FamilyOptions(BaseModel):
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a sample: its stored dtype, which axis is its length, and the manifest count
-    (``frames``, ``text_tokens``, ...) that length must equal."""
+    (``frames``, ``text_tokens``, ...) that length must equal.
+
+    An ``optional`` tensor may be absent from a sample (a feature prep computes only when asked):
+    a sample holds it exactly when its meta / manifest row has its count. Its count is its own
+    (no other tensor is measured by it), so the count's presence says whether the tensor is there."""
 
     name: str
     dtype: str  # a torch dtype name: "bfloat16", "float32", "int32", ...
@@ -52,6 +56,7 @@ class TensorSpec:
     axis: int = 0
     per_caption: bool = False  # an alternative caption stores its own copy: alt_<name>_<i>
     same_shape_as: str | None = None  # e.g. a posterior's std has its mean's shape
+    optional: bool = False  # may be absent: present exactly when the sample's lengths have its count
 
     def torch_dtype(self):
         import torch
@@ -78,8 +83,17 @@ class SampleSchema:
     tensors: tuple[TensorSpec, ...]
 
     def __post_init__(self) -> None:
-        if not any(spec.length == "frames" for spec in self.tensors):
-            raise ValueError(f"schema of {self.family}: one tensor's length must be 'frames'")
+        if not any(spec.length == "frames" and not spec.optional for spec in self.tensors):
+            raise ValueError(f"schema of {self.family}: one tensor's length must be 'frames' (and not optional)")
+        for spec in self.tensors:
+            if spec.optional and [other.name for other in self.tensors if other.length == spec.length] != [spec.name]:
+                raise ValueError(f"schema of {self.family}: optional tensor {spec.name} must have a count of its own "
+                                 f"({spec.length!r} measures another tensor too)")
+
+    @staticmethod
+    def _present(spec: TensorSpec, lengths: dict[str, Any]) -> bool:
+        """Whether a sample of these lengths holds ``spec``'s tensor."""
+        return not spec.optional or lengths.get(spec.length) is not None
 
     @property
     def counts(self) -> tuple[str, ...]:
@@ -97,6 +111,8 @@ class SampleSchema:
         """Every tensor a sample with these lengths (a manifest row / meta) holds, with its length."""
         want: dict[str, tuple[TensorSpec, int]] = {}
         for spec in self.tensors:
+            if not self._present(spec, lengths):
+                continue
             want[spec.name] = (spec, int(lengths[spec.length]))
             if spec.per_caption:
                 for index, length in enumerate(lengths.get(alt_count(spec.length), [])):
@@ -104,12 +120,17 @@ class SampleSchema:
         return want
 
     def lengths_of(self, tensors: dict[str, "torch.Tensor"], alternatives: Sequence[dict[str, "torch.Tensor"]] = ()) -> dict[str, Any]:
-        """The counts of one sample: its own lengths, and per alternative caption its per-caption ones."""
+        """The counts of one sample: its own lengths, and per alternative caption its per-caption ones
+        (an absent optional tensor has no count)."""
         lengths: dict[str, Any] = {}
         for spec in self.tensors:
+            if spec.optional and spec.name not in tensors:
+                continue
             lengths.setdefault(spec.length, int(tensors[spec.name].shape[spec.axis]))
         for count in self.caption_counts:
             specs = [spec for spec in self.tensors if spec.per_caption and spec.length == count]
+            if specs[0].optional and specs[0].name not in tensors:
+                continue
             lengths[alt_count(count)] = [int(alt[specs[0].name].shape[specs[0].axis]) for alt in alternatives]
         return lengths
 
@@ -118,12 +139,14 @@ class SampleSchema:
         from safetensors.torch import save as save_safetensors
 
         unknown = sorted(set(tensors) - {spec.name for spec in self.tensors})
-        missing = sorted({spec.name for spec in self.tensors} - set(tensors))
+        missing = sorted({spec.name for spec in self.tensors if not spec.optional} - set(tensors))
         if unknown or missing:
             raise ValueError(f"{self.family} sample tensors do not match its schema "
                              f"(missing {missing}, undeclared {unknown})")
         blob: dict[str, Any] = {}
         for spec in self.tensors:
+            if spec.name not in tensors:  # an optional tensor this sample lacks
+                continue
             blob[spec.name] = tensors[spec.name].detach().to("cpu", spec.torch_dtype()).contiguous()
             if spec.per_caption:
                 for index, alternative in enumerate(alternatives):
@@ -143,7 +166,11 @@ class SampleSchema:
                              f"{spec.axis} of {spec.dtype}")
             elif spec.same_shape_as and spec.same_shape_as in tensors and tensors[spec.same_shape_as].shape != tensor.shape:
                 found.append(f"{name} and {spec.same_shape_as} shapes differ")
-        undeclared = sorted(set(tensors) - set(expected))
+        uncounted = {spec.name: spec.length for spec in self.tensors
+                     if spec.name in tensors and spec.name not in expected}
+        for name, count in uncounted.items():  # an optional tensor the row does not count
+            found.append(f"holds {name}, but the manifest gives no {count}")
+        undeclared = sorted(set(tensors) - set(expected) - set(uncounted))
         if undeclared:
             found.append(f"holds tensors its schema does not declare: {', '.join(undeclared)}")
         return found
@@ -154,6 +181,8 @@ class SampleSchema:
         chosen = {}
         for spec in self.tensors:
             name = spec.name if caption == 0 or not spec.per_caption else alt_name(spec.name, caption - 1)
+            if spec.optional and spec.name not in tensors:  # absent from this sample
+                continue
             if name not in tensors:
                 raise KeyError(name)
             chosen[spec.name] = tensors[name]
@@ -234,8 +263,10 @@ class FamilyModel(ABC):
     def sample_rate(self) -> int:
         return self.description.sample_rate
 
-    def encode_audio(self, wave: "torch.Tensor") -> dict[str, "torch.Tensor"]:
-        """``wave [channels, n]`` at ``sample_rate`` -> the sample's audio tensors (schema names)."""
+    def encode_audio(self, wave: "torch.Tensor", options: FamilyOptions | None = None) -> dict[str, "torch.Tensor"]:
+        """``wave [channels, n]`` at ``sample_rate`` -> the sample's audio tensors (schema names).
+        ``options``: the family's prep options (``Family.options`` of the prep config, as
+        ``encode_text`` gets them); prep always passes them, None means the family's defaults."""
         raise NotImplementedError(f"{self.description.family} cannot encode audio with the parts loaded")
 
     def encode_text(self, records: Sequence["Record"], options: FamilyOptions) -> list[dict[str, "torch.Tensor"]]:
@@ -286,8 +317,10 @@ class Family(ABC):
         """Load the parts ``purpose`` needs: "encode-audio", "encode-text", "train", "validate"
         (train + what renders), "generate", "export"."""
 
-    def sample_bytes(self, description: ModelDescription, seconds: float) -> float:
-        """Estimated bytes of one sample of ``seconds`` of audio (plans shard sizes)."""
+    def sample_bytes(self, description: ModelDescription, seconds: float,
+                     options: FamilyOptions | None = None) -> float:
+        """Estimated bytes of one sample of ``seconds`` of audio prepared with the prep ``options``
+        (None: the defaults); plans shard sizes."""
         return 0.0
 
     @abstractmethod

@@ -164,8 +164,10 @@ def test_prep_stores_caption_states_and_lyric_ids(v1_shards, v1_model, corpus):
         assert sample["text_states"].dtype == torch.bfloat16 and sample["text_states"].shape[1] == 32
         assert list(sample["latent"].shape[:2]) == [8, 16] and sample["latent"].shape[2] == meta["frames"]
         assert meta["frames"] == math.ceil(math.ceil(6 * 48000 * 147 / 160) / 4096)
-    report = json.loads(_ok(_acedist("inspect", str(v1_shards))) and (v1_shards / "inspect_report.json").read_text())
-    assert report["problems"] == {} and report["samples"] == 12
+    from acestep_dist.inspect_report import inspect_output
+
+    report, code = inspect_output(str(v1_shards), log=lambda _: None)
+    assert code == 0 and report["problems"] == {} and report["samples"] == 12
     assert report["families"] == {"ace-step-v1 v1": len(list(v1_shards.glob("shard-*.tar")))}
 
 
@@ -321,18 +323,34 @@ def _dit_inputs(frames: int = 24) -> dict:
 def test_generate_renders_with_the_exported_lora(v1_run, v1_model, tmp_path):
     from acestep_dist.audio import decode_window, probe_audio
 
+    from acestep_dist.families import RenderRequest
+    from acestep_dist.records import Record
+
     out = tmp_path / "export"
     _ok(_acedist("export", str(v1_run), "--out", str(out), "--format", "upstream"))
-    wavs = {}
-    for name, lora in (("base", []), ("lora", ["--lora", str(out / "upstream")])):
-        wav = tmp_path / f"{name}.wav"
-        _ok(_acedist("generate", "--model", str(v1_model), *lora, "--prompt", "calm piano", "--lyrics",
-                     "[verse]\nla la la", "--duration", "2", "--steps", "4", "--seed", "1", "--lyrics-vocab", str(VOCAB),
-                     "--out", str(wav)))
-        info = probe_audio(wav)
-        assert info.sample_rate == 48000 and abs(info.duration - 2.0) < 1e-3
-        wavs[name] = decode_window(str(wav), 0.0, None, 48000).wave
-    assert np.abs(wavs["lora"] - wavs["base"]).max() > 0
+    wav = tmp_path / "lora.wav"
+    _ok(_acedist("generate", "--model", str(v1_model), "--lora", str(out / "upstream"), "--prompt", "calm piano",
+                 "--lyrics", "[verse]\nla la la", "--duration", "2", "--steps", "4", "--seed", "1", "--lyrics-vocab",
+                 str(VOCAB), "--out", str(wav)))
+    info = probe_audio(wav)
+    assert info.sample_rate == 48000 and abs(info.duration - 2.0) < 1e-3
+    rendered = decode_window(str(wav), 0.0, None, 48000).wave
+    # the same request in this process: the same audio; and the sampled latents with and without
+    # the LoRA differ (the tiny random vocoder's audio barely depends on them)
+    from acestep_dist.families.ace_step_v1.generation import SamplerSettings, lyric_tensors, sample_latents
+
+    request = RenderRequest(Record(key="g", caption="calm piano", lyrics="[verse]\nla la la"), 2.0, seed=1, steps=4,
+                            options={"lyrics_vocab": str(VOCAB)})
+    description = FAMILY.describe(str(v1_model))
+    lyrics = lyric_tensors("[verse]\nla la la", VOCAB)
+    latents = {}
+    for name, lora in (("base", None), ("lora", str(out / "upstream"))):
+        model = FAMILY.load(description, "generate")
+        audio = model.generate(request, lora=lora, log=lambda _: None)
+        if lora:
+            assert np.abs(audio.numpy()[..., : rendered.shape[-1]] - rendered).max() <= 1e-5
+        latents[name] = sample_latents(model.operations, "calm piano", *lyrics, 22, 1, SamplerSettings(steps=4))
+    assert float((latents["lora"] - latents["base"]).abs().max()) > 1e-4
 
 
 def test_init_lora_continues_from_upstream_simpletuner_and_comfyui_files(v1_run, v1_model, tmp_path):
@@ -409,8 +427,8 @@ def test_a_lora_run_that_trains_the_lyric_encoder_exports_and_renders_it(tmp_pat
     from pipelines.train import run_train
 
     run = tmp_path / "lyric-lora"
-    config = _config(lyrics_embedder_train=True, lyrics_embedder_lr=1e-2, train_batch_size=2, max_train_steps=2,
-                     checkpointing_steps=2, lora_preset="attention")
+    config = _config(lyrics_embedder_train=True, lyrics_embedder_lr=1e-2, train_batch_size=2, max_train_steps=1,
+                     checkpointing_steps=1, lora_preset="attention")
     run_train(config, str(v1_shards), str(v1_model), str(run), workers=1, log=lambda _: None)
     state = json.loads((run / "final" / "acedist_state.json").read_text())
     assert state["weights"] == ["pytorch_lora_weights.safetensors", "lyric_encoder.safetensors"]

@@ -93,7 +93,7 @@ class AceStep15Family(Family):
             model.components.vae.enable_tiling()  # bounded memory on long windows
         return AceStep15Model(description, model, purpose)
 
-    def sample_bytes(self, description: ModelDescription, seconds: float) -> float:
+    def sample_bytes(self, description: ModelDescription, seconds: float, options: PrepOptions | None = None) -> float:
         dims = description.dimensions
         return (2 * 2 * dims["latent_dim"] * description.frames_per_second * seconds  # mean + std, bf16
                 + 2 * dims["text_dim"] * _TEXT_TOKENS_ESTIMATE)
@@ -144,8 +144,8 @@ class AceStep15Model(FamilyModel):
         self.description, self.model, self.purpose = description, model, purpose
 
     # --------------------------------------------------------------------------- prep
-    def encode_audio(self, wave):
-        stats = self.model.encode_audio(wave)
+    def encode_audio(self, wave, options: PrepOptions | None = None):
+        stats = self.model.encode_audio(wave)  # no audio option changes the latent
         return {"latent_mean": stats.mean, "latent_std": stats.std}
 
     def encode_text(self, records, options: PrepOptions):

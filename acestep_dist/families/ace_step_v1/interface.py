@@ -23,6 +23,11 @@ SCHEMA = SampleSchema(NAME, 1, (
     TensorSpec("text_states", "bfloat16", "text_tokens", per_caption=True),
     # the lyric token ids (start 261 ... line breaks 2); empty = upstream's inference rule for no lyrics
     TensorSpec("lyric_ids", "int32", "lyric_tokens"),
+    # upstream's SSL alignment targets (prep's ssl_mert / ssl_mhubert; absent otherwise, and from
+    # shards written before them): MERT-v1-330M [F, 1024] at 75 Hz, mHuBERT-147 [F, 768] at 50 Hz,
+    # of the same audio as the latent, bf16 (~9.2 + 4.6 MB a minute)
+    TensorSpec("mert_states", "bfloat16", "mert_frames", optional=True),
+    TensorSpec("mhubert_states", "bfloat16", "mhubert_frames", optional=True),
 ))
 PURPOSE_PARTS = {
     "encode-audio": ("dcae",),
@@ -78,10 +83,14 @@ class AceStepV1Family(Family):
         return AceStepV1Model(description, V1Operations(load_components(description.source, parts, dtype=dtype,
                                                                         device=device)), purpose)
 
-    def sample_bytes(self, description: ModelDescription, seconds: float) -> float:
+    def sample_bytes(self, description: ModelDescription, seconds: float, options: PrepOptions | None = None) -> float:
+        from .ssl import KINDS
+
         dims = description.dimensions
         latent = 4 * dims["latent_channels"] * dims["latent_height"] * description.frames_per_second * seconds
-        return latent + 2 * dims["text_dim"] * _TEXT_TOKENS_ESTIMATE + 4 * _LYRIC_TOKENS_ESTIMATE
+        ssl = sum(2 * kind.hidden * kind.frames_per_second * seconds for kind in KINDS
+                  if options is not None and getattr(options, kind.option, None))  # the released widths, bf16
+        return latent + ssl + 2 * dims["text_dim"] * _TEXT_TOKENS_ESTIMATE + 4 * _LYRIC_TOKENS_ESTIMATE
 
     def write_tiny(self, out: Path, variant: str, seed: int = 0, **options: Any) -> Path:
         from .tiny import write_tiny_checkpoint
@@ -93,15 +102,21 @@ class AceStepV1Family(Family):
         return write_tiny_checkpoint(out, seed=seed, **options)
 
     def options(self, config):
-        """The family keys, with the lyric vocabulary found on the driver (an error here, before
-        any worker starts) and passed to workers as an absolute path."""
+        """The family keys, with the lyric vocabulary and the SSL checkpoints found on the driver
+        (an error here, before any worker starts) and passed to workers as absolute paths (an SSL
+        hub id stays as given, its config.json read: each node fills its own cache)."""
         from .lyrics import find_lyrics_vocab
+        from .ssl import KINDS, checked_source
 
         options = super().options(config)
         needs_vocab = isinstance(options, PrepOptions) or bool(
             getattr(config, "validation_step_interval", 0) and getattr(config, "validation_lyrics", None))
         if needs_vocab or options.lyrics_vocab:
             options = options.model_copy(update={"lyrics_vocab": str(find_lyrics_vocab(options.lyrics_vocab))})
+        if isinstance(options, PrepOptions):
+            options = options.model_copy(update={
+                kind.option: checked_source(getattr(options, kind.option), kind, options.trust_remote_code)
+                for kind in KINDS if getattr(options, kind.option)})
         return options
 
     # ----------------------------------------------------------------------- training
@@ -134,11 +149,21 @@ class AceStepV1Family(Family):
 
 class AceStepV1Model(FamilyModel):
     def __init__(self, description: ModelDescription, operations, purpose: str):
+        from .ssl import SSLModels
+
         self.description, self.operations, self.purpose = description, operations, purpose
+        self.ssl_models = SSLModels()  # loaded on first use, once per process (a prep actor)
 
     # --------------------------------------------------------------------------- prep
-    def encode_audio(self, wave):
-        return {"latent": self.operations.encode_audio(wave)}
+    def encode_audio(self, wave, options: PrepOptions | None = None):
+        """The latent, and the SSL states ``options`` ask for (``ssl_mert`` / ``ssl_mhubert``)."""
+        from .ssl import KINDS
+
+        options = options or PrepOptions()
+        wanted = {kind: self.ssl_models.get(getattr(options, kind.option), options.trust_remote_code,
+                                            self.operations.device, kind)
+                  for kind in KINDS if getattr(options, kind.option)}
+        return self.operations.encode_audio(wave, wanted)
 
     def encode_text(self, records, options: PrepOptions):
         import torch

@@ -8,7 +8,7 @@ validation and ``acedist generate``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,9 +32,15 @@ class V1Batch:
     text_mask: torch.Tensor  # [B, Lt] bool
     lyric_ids: torch.Tensor  # [B, Ll] int64
     lyric_mask: torch.Tensor  # [B, Ll] bool
+    # upstream's SSL targets, by schema tensor name (``mert_states``, ``mhubert_states``): per
+    # sample its states [F_i, d] (float32), or None for a sample without them; a kind no sample
+    # of the batch carries is not listed
+    ssl_states: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
 
     def to(self, device) -> "V1Batch":
-        return V1Batch(**{k: v.to(device) for k, v in vars(self).items()})
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        ssl = {kind: [None if t is None else t.to(device) for t in states] for kind, states in self.ssl_states.items()}
+        return V1Batch(**moved, ssl_states=ssl)
 
 
 def pad_stack(tensors: Sequence[torch.Tensor], axis: int = 0, pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +91,14 @@ class V1Operations:
 
     # ------------------------------------------------------------------- prep
     @torch.no_grad()
-    def encode_audio(self, wave: torch.Tensor) -> torch.Tensor:
-        """``wave [2, n]`` at 48 kHz -> the DCAE latent ``[8, 16, T]`` (float32), prepared as
-        upstream's dataset prepares audio (clamped, padded to 3 s, the first 240 s), alone: a
-        clip's latent does not depend on what else is encoded."""
+    def encode_audio(self, wave: torch.Tensor, ssl_models: dict | None = None) -> dict[str, torch.Tensor]:
+        """``wave [2, n]`` at 48 kHz -> ``latent``: the DCAE latent ``[8, 16, T]`` (float32), prepared
+        as upstream's dataset prepares audio (clamped, padded to 3 s, the first 240 s), alone: a
+        clip's latent does not depend on what else is encoded. ``ssl_models`` (``ssl.SSLKind`` ->
+        loaded model) add each kind's states ``[F, d]`` of that same audio, in bfloat16 (the stored
+        dtype: a 240-s window's MERT states would be 74 MB in float32)."""
         from .dcae import upstream_training_audio
+        from .ssl import hidden_states
 
         (dcae,) = self._require("dcae")
         if wave.dim() != 2 or wave.shape[0] != 2:
@@ -97,7 +106,16 @@ class V1Operations:
         wave = upstream_training_audio(wave.float())
         device = next(dcae.parameters()).device
         latents, _ = dcae.encode(wave[None].to(device), sr=SAMPLE_RATE)
-        return latents[0].float().cpu()
+        encoded = {"latent": latents[0].float().cpu()}
+        for kind, model in (ssl_models or {}).items():
+            encoded[kind.tensor] = hidden_states(model, wave, kind).to(torch.bfloat16)
+        return encoded
+
+    @property
+    def device(self) -> torch.device:
+        part = next(p for p in (self.components.dcae, self.components.transformer, self.components.text_encoder)
+                    if p is not None)
+        return next(part.parameters()).device
 
     @torch.no_grad()
     def encode_captions(self, captions: Sequence[str], max_tokens: int) -> list[torch.Tensor]:
@@ -122,9 +140,12 @@ class V1Operations:
     # --------------------------------------------------------------- training
     @staticmethod
     def collate(samples: Sequence[dict]) -> V1Batch:
-        """Pad per-sample ``latent [8, 16, T]``, ``text_states [L, D]``, ``lyric_ids [N]``.
+        """Pad per-sample ``latent [8, 16, T]``, ``text_states [L, D]``, ``lyric_ids [N]``; the SSL
+        states a sample carries are passed per sample (float32, unpadded: their lengths differ).
 
         An empty ``lyric_ids`` is upstream's inference rule for no lyrics: one pad id, masked out."""
+        from .ssl import KINDS
+
         latents, frame_mask = pad_stack([s["latent"].float() for s in samples], axis=2)
         text, text_mask = pad_stack([s["text_states"].float() for s in samples])
         lyrics = [s["lyric_ids"].long() for s in samples]
@@ -133,4 +154,6 @@ class V1Operations:
         for i, is_empty in enumerate(empty):
             if is_empty:
                 lyric_mask[i] = False
-        return V1Batch(latents, frame_mask, text, text_mask, lyric_ids, lyric_mask)
+        ssl = {kind.tensor: [None if s.get(kind.tensor) is None else s[kind.tensor].float() for s in samples]
+               for kind in KINDS if any(s.get(kind.tensor) is not None for s in samples)}
+        return V1Batch(latents, frame_mask, text, text_mask, lyric_ids, lyric_mask, ssl)

@@ -40,6 +40,15 @@ class PrepOptions(FamilyOptions):
     lyrics_tokenizer: Literal["training", "inference"] = Field(
         "training", description="upstream's tokenisation path: its trainer's (training) or its pipeline's (inference)")
     lyric_max_tokens: int = Field(4096, gt=0, description="longer lyric token lists are cut (with a warning)")
+    # upstream's trainer aligns the DiT (after block 8) with these models' hidden states of the target
+    # audio; prep stores them (bf16, of the cropped window) so training needs neither model
+    ssl_mert: str | None = Field(None, description="MERT-v1-330M (folder or hub id m-a-p/MERT-v1-330M): store its "
+                                                   "hidden states (mert_states) for the SSL alignment loss; its "
+                                                   "checkpoint ships its own code (needs trust_remote_code)")
+    ssl_mhubert: str | None = Field(None, description="mHuBERT-147 (folder or hub id utter-project/mHuBERT-147): store "
+                                                      "its hidden states (mhubert_states) for the SSL alignment loss")
+    trust_remote_code: bool = Field(False, description="let the SSL checkpoints run the model code they ship "
+                                                       "(MERT's does); refused otherwise")
 
 
 class TrainOptions(FamilyOptions):
@@ -51,6 +60,9 @@ class TrainOptions(FamilyOptions):
     cfg_dropout_lyrics: float = Field(0.15, ge=0, le=1, description="zeroed lyric ids and mask (upstream 15 %)")
     lyrics_vocab: str | None = Field(None, description="the lyric vocab.json validation renders tokenise with "
                                                        "(default: an installed ACE-Step's)")
+    ssl_loss_weight: float = Field(1.0, ge=0, description="weight of the SSL alignment loss (the mean over the MERT / "
+                                                          "mHuBERT terms) for samples prepared with them: upstream's "
+                                                          "ssl_coeff 1.0; SimpleTuner uses 0.1; 0 turns it off")
 
     @model_validator(mode="after")
     def _lyrics_lr(self) -> "TrainOptions":

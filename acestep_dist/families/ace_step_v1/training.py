@@ -7,6 +7,13 @@ CFG dropout zeroes the caption states (15 %), the speaker embedding (50 %) and t
 mask (15 %), each drawn per sample. Here every draw comes from the sample's own generator and the
 mean runs over its own frames, so a sample's loss does not depend on its batch mates or worker.
 
+Samples prepared with SSL states (prep's ``ssl_mert`` / ``ssl_mhubert``) add upstream's alignment
+term: the DiT's projectors predict them and a sample's loss gains ``ssl_loss_weight`` x the mean of
+its terms (upstream: ``loss + ssl_coeff * mean(proj_losses)``, coeff 1.0; SimpleTuner 0.1), each term
+over that sample's own frames. A batch may mix samples with and without them: each sample gets the
+terms of what it carries (none: the denoising loss alone). One prep output is uniform (its options
+are part of its fingerprint), so in practice every rank's batches are alike.
+
 ``config`` is an ``acestep_dist.config.TrainConfig`` (general keys), ``options`` the family's own.
 """
 
@@ -41,11 +48,13 @@ class V1Recipe:
     text_dropout: float = 0.15
     speaker_dropout: float = 0.5
     lyric_dropout: float = 0.15
+    ssl_weight: float = 1.0  # of the SSL alignment term, for samples that carry SSL states
 
     def describe(self) -> str:
         return (f"timesteps logit-normal index (mu={self.mu:g}, sigma={self.sigma:g}) over a 1000-step shift-"
                 f"{self.shift:g} schedule, x0-preconditioned MSE, cfg dropout text {self.text_dropout:g} / speaker "
-                f"{self.speaker_dropout:g} / lyrics {self.lyric_dropout:g}")
+                f"{self.speaker_dropout:g} / lyrics {self.lyric_dropout:g}, SSL alignment weight {self.ssl_weight:g} "
+                f"(samples prepared with SSL states)")
 
 
 def training_recipe(config, options: TrainOptions) -> V1Recipe:
@@ -60,7 +69,7 @@ def training_recipe(config, options: TrainOptions) -> V1Recipe:
                     mu=0.0 if config.timestep_mu is None else config.timestep_mu,
                     sigma=1.0 if config.timestep_sigma is None else config.timestep_sigma,
                     text_dropout=options.cfg_dropout_text, speaker_dropout=options.cfg_dropout_speaker,
-                    lyric_dropout=options.cfg_dropout_lyrics)
+                    lyric_dropout=options.cfg_dropout_lyrics, ssl_weight=options.ssl_loss_weight)
 
 
 class V1LossModule(torch.nn.Module):
@@ -114,13 +123,51 @@ class V1LossModule(torch.nn.Module):
             lyric_token_idx=lyric_ids,
             lyric_mask=lyric_mask.long(),
             timestep=self.timesteps[index].to(dtype),
+            ssl_hidden_states=self.ssl_targets(batch),
             return_dict=True,
         )
         x0_hat = output.sample.float() * (-sigma) + x_t
         squared = (x0_hat - x0.float()).pow(2).mean(dim=(1, 2))  # [B, T]
         frames = batch.frame_mask.to(squared.dtype)
         per_sample = (squared * frames).sum(dim=1) / frames.sum(dim=1).clamp(min=1.0)
+        if output.proj_losses:
+            per_sample = per_sample + self.recipe.ssl_weight * self.ssl_term(output.proj_losses)
         return per_sample.mean(), per_sample, self.sigmas[index].detach().cpu()
+
+    def ssl_targets(self, batch: V1Batch) -> list | None:
+        """The batch's SSL states in the DiT's projector order (``ssl_names``), None where a kind is
+        absent; None when there is nothing to align (or the weight is 0)."""
+        from .ssl import KINDS
+
+        if not batch.ssl_states or self.recipe.ssl_weight == 0:
+            return None
+        names, dims = list(self.transformer.ssl_names), list(self.transformer.ssl_latent_dims)
+        targets: list = [None] * len(names)
+        for kind in KINDS:
+            states = batch.ssl_states.get(kind.tensor)
+            if states is None:
+                continue
+            if kind.dit_name not in names:
+                raise UserError(f"the data holds {kind.tensor} but this DiT has no {kind.dit_name!r} projector "
+                                f"(its ssl_names: {names}); prepare without {kind.option} or set ssl_loss_weight: 0")
+            slot = names.index(kind.dit_name)
+            wrong = {int(t.shape[-1]) for t in states if t is not None} - {dims[slot]}
+            if wrong:
+                raise UserError(f"{kind.tensor} of width {sorted(wrong)} in the data, but this DiT's {kind.dit_name} "
+                                f"projector predicts {dims[slot]}: the data was prepared with another SSL model "
+                                f"than {kind.title}")
+            targets[slot] = states
+        return targets
+
+    @staticmethod
+    def ssl_term(proj_losses) -> torch.Tensor:
+        """Per sample, the mean of the SSL terms it has (0 without any): ``[B]``."""
+        total, count = None, None
+        for _, (losses, present) in proj_losses:
+            weight = present.to(losses.dtype)
+            total = losses * weight if total is None else total + losses * weight
+            count = weight if count is None else count + weight
+        return total / count.clamp(min=1.0)
 
 
 def lora_config(config, targets: Sequence[str]):

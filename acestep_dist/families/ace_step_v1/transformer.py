@@ -11,6 +11,7 @@ Conventions a caller must follow (all upstream's):
 - ``hidden_states`` is the DCAE latent ``[B, 8, 16, T]``; ``attention_mask`` ``[B, T]`` is 1 for real
   frames. Padded frames still feed the patch GroupNorm, the FFN's kernel-3 conv and the SSL
   projectors, so their content changes valid outputs; upstream trains with unpadded batches.
+  ``mask_padding`` (our trainer's mode) keeps padding out of each, the SSL terms included.
 - ``timestep`` is the flow-matching time scaled to ``[0, 1000]`` (``sigma * 1000``), shape ``[B]``.
 - the condition sequence is ``[speaker (1), text (L_text), lyric (L_lyric)]``; its mask is float.
 """
@@ -47,7 +48,8 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 @dataclass
 class Transformer2DModelOutput(BaseOutput):
     """``sample`` [B, out_channels, 16, T]; ``proj_losses`` a list of ``(ssl_name, loss)`` (empty
-    without SSL targets)."""
+    without SSL targets): upstream's batch mean, or with ``mask_padding`` each sample's term over its
+    own frames, ``(ssl_name, (losses [B], present [B]))`` (a sample whose target is None: 0, absent)."""
 
     sample: torch.FloatTensor
     proj_losses: list[tuple[str, torch.Tensor]] | None = None
@@ -159,6 +161,30 @@ def ssl_alignment_loss(prediction: torch.Tensor, target: torch.Tensor | Sequence
         loss = F.cosine_embedding_loss(truth.reshape(-1, dim), estimate.reshape(-1, dim), ones, reduction="none")
         per_sample.append(loss.view(batch, frames).mean(dim=1))
     return torch.cat(per_sample).sum() / prediction.shape[0]
+
+
+def ssl_alignment_losses(prediction: torch.Tensor, target: torch.Tensor | Sequence[torch.Tensor | None],
+                         frames: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The REPA term per sample, each over its own real frames: sample ``b``'s projector output
+    ``prediction[b, :frames[b]]`` is resampled to its target's length and compared as
+    :func:`ssl_alignment_loss` does (in float32), so a padded sample's term is its term alone
+    (upstream's, whose batches are unpadded). ``target``: ``[B, T_ssl, d]`` or per sample
+    ``[T_ssl_b, d]`` or None (no target). Returns the losses ``[B]`` (0 without a target) and
+    which samples had one ``[B]`` (bool)."""
+    batch = prediction.shape[0]
+    losses, present = [], []
+    for b in range(batch):
+        truth = target[b]
+        if truth is None:
+            losses.append(prediction.new_zeros((), dtype=torch.float32))
+            present.append(False)
+            continue
+        estimate = _resample(prediction[b : b + 1, : int(frames[b])].float(), truth.shape[0])[0]
+        estimate, truth = F.normalize(estimate, dim=-1), F.normalize(truth.float(), dim=-1)
+        ones = torch.ones(truth.shape[0], device=truth.device, dtype=truth.dtype)
+        losses.append(F.cosine_embedding_loss(truth, estimate, ones, reduction="none").mean())
+        present.append(True)
+    return torch.stack(losses), torch.tensor(present, device=prediction.device)
 
 
 class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -290,7 +316,11 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ) -> Transformer2DModelOutput | tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         """Predict from a noisy latent given ``encode()``'s outputs (upstream's pipeline encodes once
         and decodes per step). ``output_length`` frames are returned; upstream's default 0 would
-        return an empty tensor, here 0 means "as many frames as the input"."""
+        return an empty tensor, here 0 means "as many frames as the input".
+
+        ``ssl_hidden_states``: per projector (``ssl_names`` order) its targets ``[B, T_ssl, d]`` or a
+        list of per-sample ``[T_ssl_b, d]`` (with ``mask_padding`` also None for a sample without),
+        or None for no target of that kind."""
         hidden_states = self._as_weights(hidden_states)
         encoder_hidden_states = self._as_weights(encoder_hidden_states)
         if timestep.ndim == 0:
@@ -319,8 +349,15 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         proj_losses = []
         if tapped and ssl_hidden_states:
+            if self.mask_padding:  # each sample's term over its own frames: (name, (losses [B], present [B]))
+                patch = self.patch_size[1]
+                frames = attention_mask[:, ::patch][:, : tapped[0].shape[1]].sum(dim=1).long().tolist()
             for hidden, projector, target, name in zip(tapped, self.projectors, ssl_hidden_states, self.ssl_names):
-                if target is not None:
+                if target is None:
+                    continue
+                if self.mask_padding:
+                    proj_losses.append((name, ssl_alignment_losses(projector(hidden), target, frames)))
+                else:
                     proj_losses.append((name, ssl_alignment_loss(projector(hidden), target)))
 
         output = self.final_layer(hidden_states, embedded_timestep, output_length)
