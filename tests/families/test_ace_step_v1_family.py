@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -219,42 +217,21 @@ def test_training_adapts_upstreams_modules_and_renders_validation_audio(v1_run):
     assert info.sample_rate == 48000 and abs(info.duration - 2.0) < 0.05
 
 
-def test_two_workers_give_the_weights_of_one_worker(v1_run, tmp_path, v1_shards, v1_model):
+def test_two_workers_with_one_killed_midway_give_the_weights_of_one_worker(v1_run, tmp_path, v1_shards, v1_model,
+                                                                          monkeypatch):
+    """2 workers x batch 1 under ZeRO-2 train what 1 worker x batch 2 trains, even when the second
+    worker is SIGKILLed at step 4 (after step 3's checkpoint) and Ray restarts the group from it."""
     from pipelines.train import run_train
 
+    # after 8 s: Ray's controller registers reported checkpoints by polling
+    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=8, step=4, micro=0, rank=1,
+                                                    first_step=0))
     run = tmp_path / "two"
-    run_train(_config(train_batch_size=1, zero_stage=2), str(v1_shards), str(v1_model), str(run), workers=2,
-              log=lambda _: None)
-    assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-5
-
-
-def test_killed_run_resumes_exactly(v1_run, tmp_path, v1_shards, v1_model):
-    from pipelines.train import run_train
-
-    run = tmp_path / "killed"
-    overrides = [f"{k}={v}" for k, v in {**COMMON, "train_batch_size": 2, "zero_stage": 2}.items()]
-    environment = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                       **{faults.VARIABLE: faults.spec("train.after_step", step=3, rank=0)})
-    environment.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "acestep_dist.cli", "train", "--data", str(v1_shards), "--model", str(v1_model),
-         "--output", str(run), "--workers", "1", *overrides],
-        env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(run.glob("checkpoint_*/acedist_state.json")):
-            assert process.poll() is None, "the run ended before its first checkpoint"
-            time.sleep(0.2)
-        time.sleep(3)  # the stalled worker has reported the checkpoint; Ray records it
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    assert not (run / "final").exists()
-    result = run_train(_config(train_batch_size=2, zero_stage=2), str(v1_shards), str(v1_model), str(run), workers=1,
-                       resume=True, log=lambda _: None)
+    result = run_train(_config(train_batch_size=1, zero_stage=2, max_failures=1), str(v1_shards), str(v1_model),
+                       str(run), workers=2, log=lambda _: None)
     assert result.steps == 6
     assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 3
-    assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-6
+    assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-5
 
 
 def test_settings_of_another_recipe_are_refused(v1_model):
@@ -269,7 +246,6 @@ def test_settings_of_another_recipe_are_refused(v1_model):
 
 # ------------------------------------------------------------------------- export, generate
 def test_export_writes_upstreams_and_comfyuis_keys_that_load_and_change_the_output(v1_run, v1_model, tmp_path):
-    from diffusers.utils import convert_unet_state_dict_to_peft  # noqa: F401  (diffusers' loader is importable)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -387,7 +363,8 @@ def test_init_lora_continues_from_upstream_simpletuner_and_comfyui_files(v1_run,
 
 
 def test_full_fine_tune_with_the_lyric_encoder_exports_a_checkpoint_that_renders(tmp_path, v1_shards, v1_model):
-    """Full DiT + lyric embedder in full with its own rate, 2 workers, ZeRO-3, gradient checkpointing."""
+    """Full DiT + lyric embedder in full with its own rate, ZeRO-3 (parameters partitioned and
+    gathered to save), gradient checkpointing."""
     from safetensors.torch import load_file
 
     from acestep_dist.families.ace_step_v1.transformer import ACEStepTransformer2DModel
@@ -395,11 +372,11 @@ def test_full_fine_tune_with_the_lyric_encoder_exports_a_checkpoint_that_renders
 
     run = tmp_path / "full"
     config = _config(model_type="full", lyrics_embedder_train=True, lyrics_embedder_lr=1e-3, zero_stage=3,
-                     gradient_checkpointing=True, train_batch_size=1, max_train_steps=2, checkpointing_steps=2,
+                     gradient_checkpointing=True, train_batch_size=2, max_train_steps=2, checkpointing_steps=2,
                      learning_rate=1e-3)
-    run_train(config, str(v1_shards), str(v1_model), str(run), workers=2, log=lambda _: None)
+    run_train(config, str(v1_shards), str(v1_model), str(run), workers=1, log=lambda _: None)
     state = json.loads((run / "final" / "acedist_state.json").read_text())
-    assert state["weights"] == ["ace_step_transformer"] and state["world_size"] == 2
+    assert state["weights"] == ["ace_step_transformer"] and state["config"]["zero_stage"] == 3
     base = load_file(str(v1_model / "ace_step_transformer" / "diffusion_pytorch_model.safetensors"))
     trained = load_file(str(run / "final" / "ace_step_transformer" / "diffusion_pytorch_model.safetensors"))
     assert sorted(trained) == sorted(base)  # upstream's keys, nothing added

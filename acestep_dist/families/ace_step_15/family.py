@@ -131,19 +131,11 @@ class AceStep15:
         Prompts of equal token length run together and others apart, so no row is ever padded: a
         row's states are bit-identical whatever it is batched with (padding would change them by
         float noise, and make prep's output depend on how rows happened to be batched)."""
+        from ..common import encode_unpadded
+
         text_encoder, tokenizer = self._require("text_encoder", "tokenizer")
-        device = next(text_encoder.parameters()).device
         ids = tokenizer([prompts.text_prompt(r) for r in records], truncation=True, max_length=max_tokens).input_ids
-        states: list[torch.Tensor | None] = [None] * len(records)
-        by_length: dict[int, list[int]] = {}
-        for i, row in enumerate(ids):
-            by_length.setdefault(len(row), []).append(i)
-        for rows in by_length.values():
-            batch = torch.tensor([ids[i] for i in rows], device=device)
-            hidden = text_encoder(input_ids=batch).last_hidden_state.float().cpu()
-            for slot, i in enumerate(rows):
-                states[i] = hidden[slot]
-        return states
+        return encode_unpadded(text_encoder, ids)
 
     def tokenize_lyrics(self, records: Sequence[Record], max_tokens: int = LYRIC_MAX_TOKENS) -> list[torch.Tensor]:
         """Per-record lyric token ids (int32, unpadded) of the lyric template."""

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
+from ..common import json_table, safetensors_header
 from .keymap import ATTENTION_RENAMES, _rename, _unrename
 
 PEFT_CONFIG = "adapter_config.json"
@@ -123,16 +124,6 @@ def _format_of(keys, file: Path) -> str:
                     f"({DIFFUSERS_PREFIX}*), PEFT's ({PEFT_PREFIX}*) or ComfyUI's ({COMFY_PREFIX}*): {sample}")
 
 
-def _json_table(text: str, where: str) -> dict:
-    try:
-        table = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{where}: not valid JSON ({error})") from None
-    if not isinstance(table, dict):
-        raise UserError(f"{where}: a JSON {type(table).__name__}, not an object of settings")
-    return table
-
-
 def _positive(table: dict, key: str, where: str, integer: bool = False) -> float | int | None:
     """``table[key]`` as a positive number, None when it is absent."""
     value = table.get(key)
@@ -184,7 +175,7 @@ def _lora_state(tensors: dict[str, torch.Tensor], prefix: str, file: Path, upstr
 def _peft_config(file: Path) -> dict:
     where = f"LoRA config {file}"
     try:
-        config = _json_table(file.read_text(encoding="utf-8"), where)
+        config = json_table(file.read_text(encoding="utf-8"), where)
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{where}: unreadable ({error})") from None
     if config.get("peft_type") not in (None, "LORA"):
@@ -224,7 +215,7 @@ def read_lora(path: str | Path) -> LoraWeights:
     elif kind == "diffusers":
         state = _lora_state(tensors, DIFFUSERS_PREFIX, file, upstream_names=False)
         where = f"LoRA {file}: its lora_adapter_metadata header entry"
-        meta = _json_table(header["lora_adapter_metadata"], where) if "lora_adapter_metadata" in header else {}
+        meta = json_table(header["lora_adapter_metadata"], where) if "lora_adapter_metadata" in header else {}
         meta = {k[len(DIFFUSERS_PREFIX):] if k.startswith(DIFFUSERS_PREFIX) else k: v for k, v in meta.items()}
         rank = _positive(meta, "r", where, integer=True) or _rank_of(state)
         alpha = _positive(meta, "lora_alpha", where)
@@ -310,18 +301,12 @@ def with_provenance(file: Path, provenance: dict) -> None:
 def read_provenance(path: str | Path) -> dict | None:
     """Our provenance entry in the header of the LoRA file ``path`` names (as ``read_lora`` finds it)."""
     file = _weights_file(Path(path))
-    raw = _read_header(file).get(PROVENANCE_KEY)
+    raw = safetensors_header(file).get(PROVENANCE_KEY)
     if not raw:
         return None
-    return _json_table(raw, f"LoRA {file}: its {PROVENANCE_KEY!r} header entry")
+    return json_table(raw, f"LoRA {file}: its {PROVENANCE_KEY!r} header entry")
 
 
-def _read_header(file: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(file), "pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"LoRA {file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
 def check_fits(weights: LoraWeights, transformer: torch.nn.Module, variant: str, source: str | Path) -> None:

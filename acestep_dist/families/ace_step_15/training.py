@@ -14,6 +14,7 @@ import torch
 from ...errors import UserError
 from ...flow import TrainingRecipe, sampler_parameter_problem
 from ..base import RenderRequest, Trainable
+from ..common import lora_config
 from .attention import install_padding_masks
 from .family import AceStep15, TrainingBatch
 from .lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
@@ -55,13 +56,6 @@ def training_recipe(variant: VariantSpec, config) -> TrainingRecipe:
         raise UserError(f"{problem} (the {variant.name} variant's default sampler)")
     return variant.recipe(sampler, config.cfg_dropout, mu=config.timestep_mu, sigma=config.timestep_sigma,
                           shift=config.timestep_shift)
-
-
-def lora_config(config, targets: Sequence[str]):
-    from peft import LoraConfig
-
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
 
 
 def _check_init_lora(weights: LoraWeights, config, targets: Sequence[str], path: str) -> None:

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
+from ..common import json_table, safetensors_header
 
 UPSTREAM_FILE = "pytorch_lora_weights.safetensors"
 OURS_KEY = "acedist_lora"  # header: the trained rank / alpha / rsLoRA and the baked factor
@@ -96,27 +97,9 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
-def _read_header(file: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(file), "pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"LoRA {file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
-
-
-def _json(raw: str, what: str) -> dict:
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{what} is not JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what} is not a JSON object")
-    return value
-
-
 def read_provenance(path: str | Path) -> dict | None:
-    raw = _read_header(_weights_file(Path(path))).get(PROVENANCE_KEY)
-    return _json(raw, f"LoRA {path}: its {PROVENANCE_KEY!r} header entry") if raw else None
+    raw = safetensors_header(_weights_file(Path(path))).get(PROVENANCE_KEY)
+    return json_table(raw, f"LoRA {path}: its {PROVENANCE_KEY!r} header entry") if raw else None
 
 
 def _canonical(key: str) -> str:
@@ -131,7 +114,7 @@ def _canonical(key: str) -> str:
 def read_lora(path: str | Path) -> LoraWeights:
     """Any supported spelling -> unscaled weights with the rank, alpha and rsLoRA flag they carry."""
     file = _weights_file(Path(path))
-    header = _read_header(file)
+    header = safetensors_header(file)
     try:
         raw = load_file(str(file))
     except (SafetensorError, OSError) as error:
@@ -155,7 +138,7 @@ def read_lora(path: str | Path) -> LoraWeights:
         if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
             raise UserError(f"LoRA {file}: module {module!r} lacks its lora_A or lora_B weight")
     if OURS_KEY in header:
-        ours = _json(header[OURS_KEY], f"LoRA {file}: its {OURS_KEY!r} header entry")
+        ours = json_table(header[OURS_KEY], f"LoRA {file}: its {OURS_KEY!r} header entry")
         weights = LoraWeights(state, rank, float(ours["alpha"]), bool(ours["use_rslora"]))
         baked = float(ours.get("baked", 1.0))
         weights.state = {k: v / math.sqrt(baked) for k, v in state.items()}
@@ -166,7 +149,7 @@ def read_lora(path: str | Path) -> LoraWeights:
             raise UserError(f"LoRA {file}: its modules have different alphas ({sorted(values)}); one is supported")
         return LoraWeights(state, rank, values.pop(), False)
     if DIFFUSERS_METADATA_KEY in header:
-        config = _json(header[DIFFUSERS_METADATA_KEY], f"LoRA {file}: its {DIFFUSERS_METADATA_KEY!r} header entry")
+        config = json_table(header[DIFFUSERS_METADATA_KEY], f"LoRA {file}: its {DIFFUSERS_METADATA_KEY!r} header entry")
         return LoraWeights(state, rank, float(config.get("lora_alpha", rank)), bool(config.get("use_rslora", False)))
     return LoraWeights(state, rank, float(rank), False)  # what upstream's loader applies: scale 1
 

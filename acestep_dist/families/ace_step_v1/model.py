@@ -123,19 +123,10 @@ class V1Operations:
 
         Captions of equal token length run together and others apart, so no row is ever padded:
         a row's states do not depend on what it was batched with."""
+        from ..common import encode_unpadded
+
         text_encoder, tokenizer = self._require("text_encoder", "tokenizer")
-        device = next(text_encoder.parameters()).device
-        ids = tokenizer(list(captions), truncation=True, max_length=max_tokens).input_ids
-        states: list[torch.Tensor | None] = [None] * len(ids)
-        by_length: dict[int, list[int]] = {}
-        for i, row in enumerate(ids):
-            by_length.setdefault(len(row), []).append(i)
-        for rows in by_length.values():
-            batch = torch.tensor([ids[i] for i in rows], device=device)
-            hidden = text_encoder(input_ids=batch).last_hidden_state.float().cpu()
-            for slot, i in enumerate(rows):
-                states[i] = hidden[slot]
-        return states
+        return encode_unpadded(text_encoder, tokenizer(list(captions), truncation=True, max_length=max_tokens).input_ids)
 
     # --------------------------------------------------------------- training
     @staticmethod

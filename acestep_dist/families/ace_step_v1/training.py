@@ -27,13 +27,14 @@ import torch
 
 from ...errors import UserError
 from ..base import RenderRequest, Trainable
+from ..common import lora_config
+from .lora_formats import LYRIC_ENCODER_FILE  # lyric embedding + Conformer + projection, when trained
 from .model import V1Batch, V1Operations, training_schedule
 from .options import TrainOptions, lora_targets
 
 ADAPTER_NAME = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # upstream's adapter file (keys without prefix)
 TRANSFORMER_DIR = "ace_step_transformer"  # full fine-tunes: the DiT as upstream's folder
-LYRIC_ENCODER_FILE = "lyric_encoder.safetensors"  # lyric embedding + Conformer + projection, when trained
 LYRIC_PARTS = ("lyric_embs", "lyric_encoder", "lyric_proj")
 SAMPLERS = ("logit-normal",)  # upstream v1's only training draw
 
@@ -168,13 +169,6 @@ class V1LossModule(torch.nn.Module):
             total = losses * weight if total is None else total + losses * weight
             count = weight if count is None else count + weight
         return total / count.clamp(min=1.0)
-
-
-def lora_config(config, targets: Sequence[str]):
-    from peft import LoraConfig
-
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
 
 
 def lyric_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -1,0 +1,60 @@
+"""Helpers several families' own code shares (a family folder may use them; stages never do)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UserError
+
+
+def lora_config(config, targets: Sequence[str]):
+    """peft's LoraConfig of a training config's LoRA keys for the modules ``targets``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
+
+
+def encode_unpadded(text_encoder, ids: Sequence[Sequence[int]]) -> list:
+    """Per row of token ids the encoder's ``last_hidden_state`` ``[L_i, D]`` (float32, CPU).
+
+    Rows of equal length run together and others apart, so no row is ever padded: a row's states
+    are bit-identical whatever it is batched with (padding would move them by float noise and make
+    prep's output depend on how rows happened to be batched)."""
+    import torch
+
+    device = next(text_encoder.parameters()).device
+    states: list = [None] * len(ids)
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(i)
+    for rows in by_length.values():
+        batch = torch.tensor([list(ids[i]) for i in rows], device=device)
+        hidden = text_encoder(input_ids=batch).last_hidden_state.float().cpu()
+        for slot, i in enumerate(rows):
+            states[i] = hidden[slot]
+    return states
+
+
+def json_table(text: str, where: str) -> dict:
+    """``text`` as a JSON object, or a UserError naming ``where``."""
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not valid JSON ({error})") from None
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: a JSON {type(table).__name__}, not an object of settings")
+    return table
+
+
+def safetensors_header(file: Path, what: str = "LoRA") -> dict[str, str]:
+    """The metadata of a safetensors file, or a UserError saying it is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{what} {file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
