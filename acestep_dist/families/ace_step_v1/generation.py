@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ..base import RenderRequest
+from .dcae import LATENT_FPS as LATENT_RATE
 from .model import SAMPLE_RATE, V1Operations
 
-LATENT_RATE = 44100 / 512 / 8  # latent frames per second (the mel hop and the DCAE's 8x)
 ERG_TEXT_BLOCKS = range(8, 10)
 ERG_LYRIC_BLOCKS = range(4, 6)
 ERG_DIT_BLOCKS = range(15, 20)

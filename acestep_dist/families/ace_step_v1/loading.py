@@ -29,7 +29,6 @@ VOCODER_DIR = "music_vocoder"
 TEXT_ENCODER_DIR = "umt5-base"
 PART_DIRS = {"transformer": TRANSFORMER_DIR, "dcae": DCAE_DIR, "vocoder": VOCODER_DIR, "text_encoder": TEXT_ENCODER_DIR}
 ALL_PARTS = ("transformer", "dcae", "text_encoder", "tokenizer")
-HUB_ID = "ACE-Step/ACE-Step-v1-3.5B"
 TRANSFORMER_CLASS = "ACEStepTransformer2DModel"
 # hub repositories of v1 checkpoints are named after it (ACE-Step-v1-3.5B, forks and fine-tunes)
 _V1_HUB_NAME = re.compile(r"ace[-_]?step[-_]?v1", re.IGNORECASE)

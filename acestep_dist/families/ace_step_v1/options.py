@@ -19,9 +19,6 @@ LORA_PRESETS = {
     # the DiT's self- and cross-attention projections only
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
 }
-# What upstream's LoRA trainer runs with (config/zh_rap_lora_config.json, trainer.py): the
-# `recipes` README names these so a user can reproduce it.
-UPSTREAM_LORA = {"lora_rank": 256, "lora_alpha": 32.0, "use_rslora": True, "lora_preset": "upstream"}
 
 
 def lora_targets(preset: str) -> tuple[str, ...]:
