@@ -180,7 +180,7 @@ def _open_run_folder(output: str) -> _RunFolder:
     return _RunFolder(output, fs, root, storage, name, storage_filesystem)
 
 
-def _choose_resume(run: _RunFolder, resume: bool, log) -> tuple[list[str], str | None]:
+def _choose_resume(run: _RunFolder, resume: bool, checked: _Checked, log) -> tuple[list[str], str | None]:
     """The names of the checkpoints earlier launches left in RUN, and the checkpoint to resume from
     (None for a new run); RUN may hold a run only when it is resumed."""
     earlier = list_checkpoints(run.fs, run.root)
@@ -189,6 +189,11 @@ def _choose_resume(run: _RunFolder, resume: bool, log) -> tuple[list[str], str |
     resume_from = None
     if resume:
         chosen = choose_resume_checkpoint(run.fs, run.root, run.url, log=log)
+        zero_stage = checked.config.zero_stage
+        if zero_stage > 0 and chosen.world_size != checked.world:
+            # ZeRO keeps one optimizer partition per worker: another worker count cannot load them
+            raise UserError(f"--resume: {chosen.name} was written by {chosen.world_size} worker(s) under ZeRO-"
+                            f"{zero_stage}, this launch has {checked.world}; resume with the same number of workers")
         protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
         # a path within Ray's storage filesystem when we made one for it (its endpoint and keys), else a URL
         local = protocol in ("file", "local") or run.storage_filesystem is not None
@@ -267,7 +272,7 @@ def run_train(
     checked = _check_on_driver(config, data, model, output, nodes, gpus_per_node, workers, log)
     config = checked.config
     run = _open_run_folder(checked.output)
-    earlier, resume_from = _choose_resume(run, resume, log)
+    earlier, resume_from = _choose_resume(run, resume, checked, log)
     run.fs.makedirs(run.root, exist_ok=True)
     total = config.max_train_steps or config.num_train_epochs * checked.plan.steps_per_epoch
     log(f"train: {len(checked.refs)} samples, {checked.world} worker(s), {total} steps -> {run.url}; "

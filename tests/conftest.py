@@ -14,9 +14,32 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+# Ray Train polls its workers every 2 s and starts a preemption watcher actor (one more Python
+# process) per fit: ~5 s of each of the suite's ~30 fits on this machine, nothing a test looks at.
+# Set here, they reach in-process fits and the commands tests start alike.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # CI has the corpus beside the checkout; ACESTEP_CORPUS points elsewhere.
 CORPUS = Path(os.environ.get("ACESTEP_CORPUS") or Path(__file__).resolve().parents[1].parent / "shared" / "corpus")
+
+
+def timestep_histograms(run: Path) -> dict[int, tuple]:
+    """step -> (count, min, max, sum) of the ``train/timesteps`` histogram in a run's TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={HISTOGRAMS: 0}).Reload()
+    return {event.step: (event.histogram_value.num, event.histogram_value.min, event.histogram_value.max,
+                         round(event.histogram_value.sum, 5))
+            for event in events.Histograms("train/timesteps")}
+
+
+def train_scalars(run: Path, name: str) -> dict[int, float]:
+    """step -> value of the scalar ``train/<name>`` in a run's TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={SCALARS: 0}).Reload()
+    return {event.step: event.value for event in events.Scalars(f"train/{name}")}
 
 
 @pytest.fixture(scope="session")

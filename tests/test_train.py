@@ -25,6 +25,7 @@ from acestep_dist.families.ace_step_15.training import build_trainable
 from pipelines.train import run_train
 
 from conftest import TRAIN_COMMON as COMMON  # the reference_run fixture's settings
+from conftest import timestep_histograms
 from acestep_dist.families import get as get_family
 
 SCHEMA = get_family("ace-step-1.5").schema
@@ -62,16 +63,6 @@ def _eval_loss(model: Path, data: Path, init_lora: str | None) -> float:
     return float(torch.stack(losses).mean())
 
 
-def _timestep_histograms(run: Path) -> dict[int, tuple]:
-    """step -> (count, min, max, sum) of the ``train/timesteps`` histogram in the run's TensorBoard log."""
-    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
-
-    events = EventAccumulator(str(run / "tb"), size_guidance={HISTOGRAMS: 0}).Reload()
-    return {event.step: (event.histogram_value.num, event.histogram_value.min, event.histogram_value.max,
-                         round(event.histogram_value.sum, 5))
-            for event in events.Histograms("train/timesteps")}
-
-
 def test_training_lowers_the_loss_and_renders_validation_audio(reference_run, train_shards, prep_model):
     before = _eval_loss(prep_model, train_shards, None)
     after = _eval_loss(prep_model, train_shards, str(reference_run / "final" / "lora.safetensors"))
@@ -85,7 +76,7 @@ def test_training_lowers_the_loss_and_renders_validation_audio(reference_run, tr
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
     # the recipe the run drew from, in the state and as a TensorBoard histogram per log window
     assert state["recipe"] == {"timestep_sampler": "discrete-turbo", "cfg_dropout": 0.0}
-    histograms = _timestep_histograms(reference_run)
+    histograms = timestep_histograms(reference_run)
     assert sorted(histograms) == [5, 10]
     for count, low, high, _ in histograms.values():
         assert count == 10 and 0.3 - 1e-6 <= low <= high <= 1.0  # 5 steps x batch 2, from the turbo table
@@ -102,7 +93,7 @@ def test_two_workers_give_the_weights_of_one_worker(reference_run, tmp_path, tra
               workers=2, loader_workers=1, log=lambda _: None)
     assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-5
     # the histogram gathers both workers' timesteps: keyed draws, so the same ones as one worker
-    assert _timestep_histograms(run) == _timestep_histograms(reference_run)
+    assert timestep_histograms(run) == timestep_histograms(reference_run)
 
 
 def _env(**extra) -> dict[str, str]:
@@ -158,7 +149,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(reference_run, tmp_pat
     assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 5
     assert _max_diff(_lora(run), _lora(reference_run)) <= 1e-5
     # the histograms gather both workers' timesteps, the replaced worker's too: the same as one worker's
-    assert _timestep_histograms(run) == _timestep_histograms(reference_run)
+    assert timestep_histograms(run) == timestep_histograms(reference_run)
 
 
 def test_a_batch_of_four_lengths_has_the_mean_loss_of_its_samples(train_shards, prep_model):

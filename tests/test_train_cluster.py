@@ -6,8 +6,7 @@ from pathlib import Path
 
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
 
-from conftest import TRAIN_COMMON  # the reference_run fixture's settings
-from test_train import _timestep_histograms
+from conftest import TRAIN_COMMON, timestep_histograms  # TRAIN_COMMON: the reference_run fixture's settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
@@ -34,4 +33,4 @@ def test_two_node_training_gives_the_weights_of_one_process(tmp_path, train_shar
     assert got.keys() == want.keys()
     assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-5
     # the histogram gathers both workers' timesteps: keyed draws, so the same ones as one worker
-    assert _timestep_histograms(on_cluster) == _timestep_histograms(reference_run)
+    assert timestep_histograms(on_cluster) == timestep_histograms(reference_run)

@@ -58,6 +58,7 @@ class CheckpointCheck:
     path: str
     step: int | None
     problems: list[str]
+    world_size: int | None = None  # the number of workers that wrote it
 
     @property
     def name(self) -> str:
@@ -104,7 +105,7 @@ def verify_checkpoint(fs, path: str) -> CheckpointCheck:
         with fs.open(f"{path}/{STATE_FILE}", "r") as f:
             state = json.load(f)
         problems += [f"{name} is missing" for name in missing_weights(state, files)]
-    return CheckpointCheck(path, step, problems)
+    return CheckpointCheck(path, step, problems, world)
 
 
 def list_checkpoints(fs, root: str) -> list[str]:

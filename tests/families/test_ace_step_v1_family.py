@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from acestep_dist import faults
 from acestep_dist.config import PrepConfig, TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.families import get as get_family, family_of
+from conftest import timestep_histograms, train_scalars
 
 torch.set_num_threads(1)
 
@@ -225,33 +224,31 @@ def test_two_workers_give_the_weights_of_one_worker(v1_run, tmp_path, v1_shards,
     run = tmp_path / "two"
     run_train(_config(train_batch_size=1, zero_stage=2), str(v1_shards), str(v1_model), str(run), workers=2,
               log=lambda _: None)
-    assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-5
+    # the same samples, timesteps and noise: the gathered draws, the mean loss and the gradient norm
+    # (sensitive to how the workers' gradients are combined: Adam's steps are not)
+    assert timestep_histograms(run) == timestep_histograms(v1_run)
+    for name in ("loss", "grad_norm"):
+        two, one = train_scalars(run, name), train_scalars(v1_run, name)
+        assert two.keys() == one.keys() == {3, 6}
+        assert all(abs(two[step] - one[step]) <= 1e-5 * abs(one[step]) for step in one), (name, two, one)
+    # Weights: a wrong sample, draw or gradient moves them by about the learning rate per step (5e-3).
+    # Summing in another order (two workers' gradients all-reduced) differs by rounding, which Adam's
+    # normalisation amplifies where a gradient is near zero: 1.3e-6 measured here, 3e-5 on CI's CPU.
+    assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-4
 
 
-def test_killed_run_resumes_exactly(v1_run, tmp_path, v1_shards, v1_model):
+def test_a_killed_worker_resumes_exactly(v1_run, tmp_path, v1_shards, v1_model, monkeypatch):
+    # v1's trained state (adapter, optimiser, data position, generators) through a checkpoint and back:
+    # the worker SIGKILLs itself at step 4, after checkpoint 3 (8 s: Ray's controller registers a
+    # reported checkpoint by polling), and Ray Train restarts it from there. The same restore path as
+    # `--resume` after a killed driver, which tests/test_train.py covers for every family.
     from pipelines.train import run_train
 
+    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=8, step=4, micro=0, rank=0,
+                                                    first_step=0))
     run = tmp_path / "killed"
-    overrides = [f"{k}={v}" for k, v in {**COMMON, "train_batch_size": 2, "zero_stage": 2}.items()]
-    environment = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                       **{faults.VARIABLE: faults.spec("train.after_step", step=3, rank=0)})
-    environment.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "acestep_dist.cli", "train", "--data", str(v1_shards), "--model", str(v1_model),
-         "--output", str(run), "--workers", "1", *overrides],
-        env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(run.glob("checkpoint_*/acedist_state.json")):
-            assert process.poll() is None, "the run ended before its first checkpoint"
-            time.sleep(0.2)
-        time.sleep(3)  # the stalled worker has reported the checkpoint; Ray records it
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    assert not (run / "final").exists()
-    result = run_train(_config(train_batch_size=2, zero_stage=2), str(v1_shards), str(v1_model), str(run), workers=1,
-                       resume=True, log=lambda _: None)
+    result = run_train(_config(train_batch_size=2, zero_stage=2, max_failures=1), str(v1_shards), str(v1_model),
+                       str(run), workers=1, log=lambda _: None)
     assert result.steps == 6
     assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 3
     assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-6
