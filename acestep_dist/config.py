@@ -94,11 +94,20 @@ class TrainConfig(_Settings):
     checkpoints_total_limit: int | None = Field(3, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="ignored on CPU, which trains in fp32")
     gradient_checkpointing: bool = False
-    lora_rank: int = Field(8, gt=0)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    adapter: Literal["lora", "dora", "lokr", "loha"] = Field(
+        "lora", description="model_type lora: the adapter peft trains: LoRA, DoRA (LoRA with a learnt magnitude per "
+                            "output row), LoKr (Kronecker product), LoHa (Hadamard product of two low-rank pairs)")
+    lora_rank: int = Field(8, gt=0, description="the adapter's rank (LoKr: of its split factors)")
+    lora_alpha: float = Field(16.0, gt=0, description="the adapter's scale is alpha / rank (rsLoRA: alpha / sqrt(rank))")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA / DoRA: dropout on the adapter's input")
     lora_preset: str = Field("attention", description="which layers get adapters: one of the model family's presets")
-    use_rslora: bool = False
+    use_rslora: bool = Field(False, description="LoRA / DoRA: scale alpha / sqrt(rank)")
+    lokr_factor: int = Field(-1, ge=-1, description="LoKr: split each layer width into this factor and the rest "
+                                                    "(-1: near its square root)")
+    lokr_decompose_both: bool = Field(False, description="LoKr: also split the small Kronecker factor into two "
+                                                         "rank-r matrices")
+    adapter_module_dropout: float = Field(0.0, ge=0, lt=1, description="LoKr / LoHa: probability of leaving a "
+                                                                       "layer's adapter out of a step")
     init_lora: str | None = Field(None, description="continue from a LoRA in diffusers, PEFT or ComfyUI format")
     timestep_sampler: Literal["discrete-turbo", "max-logit-normal", "logit-normal", "uniform"] | None = Field(
         None, description="default: the variant's upstream recipe (turbo: discrete-turbo; turbo-continuous: uniform; "
@@ -121,6 +130,22 @@ class TrainConfig(_Settings):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+
+    @model_validator(mode="after")
+    def _adapter_settings(self) -> "TrainConfig":
+        # settings of another adapter kind would be silently ignored: refused when the user set them
+        given = self.model_fields_set
+        own = {"lora": ("lora_dropout", "use_rslora"), "dora": ("lora_dropout", "use_rslora"),
+               "lokr": ("lokr_factor", "lokr_decompose_both", "adapter_module_dropout"),
+               "loha": ("adapter_module_dropout",)}
+        foreign = sorted({key for keys in own.values() for key in keys} - set(own[self.adapter]))
+        set_here = [key for key in foreign if key in given and getattr(self, key) != type(self).model_fields[key].default]
+        if set_here:
+            raise ValueError(f"{', '.join(set_here)} do{'es' if len(set_here) == 1 else ''} not apply to adapter "
+                             f"{self.adapter!r}")
+        if self.lokr_factor == 0:
+            raise ValueError("lokr_factor must be -1 (near the square root) or a positive factor")
+        return self
 
     @model_validator(mode="after")
     def _sampler_parameters(self) -> "TrainConfig":

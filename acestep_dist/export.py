@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .families.adapters import NAMES as ADAPTER_NAMES
 from .families import LEGACY_FAMILY, Family, get, open_model, union
 from .train.layout import FINAL_DIR, STATE_FILE, weight_files
 
@@ -159,8 +160,9 @@ def _export(trained: TrainedWeights, origin: str | None, out: str | Path, fmt: s
     out = Path(out)
     _check_out(out)
     family = trained.family
-    offered = family.lora_formats if trained.is_lora else family.full_formats
-    what = f"a {family.name} {'LoRA' if trained.is_lora else 'full fine-tune'}"
+    adapter = (trained.state.get("config") or {}).get("adapter", "lora")
+    offered = family.adapter_formats(adapter) if trained.is_lora else family.full_formats
+    what = f"a {family.name} {ADAPTER_NAMES.get(adapter, adapter) if trained.is_lora else 'full fine-tune'}"
     if fmt != "all" and fmt not in offered:
         raise UserError(f"{what} exports as {', '.join(offered) or 'nothing'}; not {fmt}")
     formats = offered if fmt == "all" else (fmt,)

@@ -162,6 +162,8 @@ def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, no
     # everything that can be checked here is, before any worker starts: errors name the file
     family, description = open_model(model)  # configs only, no weights (a hub id resolves once here)
     options = family.options(config)
+    if config.model_type == "lora" and config.adapter not in family.adapters:
+        raise UserError(f"adapter {config.adapter!r}: {family.title} trains {', '.join(family.adapters)} adapters")
     recipe = family.check_training(description, config, options)
     training = open_training_data(data)
     if training.family != family.name:

@@ -63,7 +63,8 @@ def _merged_change(base: Net, model) -> dict[str, torch.Tensor]:
 
 
 def _comfyui_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ComfyUI's ``calculate_weight`` at strength 1 for one module's tensors (LyCORIS spelling)."""
+    """ComfyUI's ``calculate_weight`` at strength 1 for one module's tensors (LyCORIS spelling; LoRA,
+    LoKr, LoHa)."""
     alpha = float(parts[ALPHA]) if ALPHA in parts else None
     if "hada_w1_a" in parts:
         scale = alpha / parts["hada_w1_b"].shape[0] if alpha is not None else 1.0
@@ -79,10 +80,7 @@ def _comfyui_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> tor
         return weight + scale * torch.kron(w1, w2)
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     scale = alpha / down.shape[0] if alpha is not None else 1.0
-    calc = weight + scale * (up @ down)
-    if "dora_scale" in parts:  # weight_decompose, output axis: divided by the norm of the *base* weight
-        calc = calc * (parts["dora_scale"] / torch.linalg.norm(weight, dim=1, keepdim=True))
-    return calc
+    return weight + scale * (up @ down)
 
 
 @pytest.mark.parametrize("name,spec", SPECS, ids=[n for n, _ in SPECS])
@@ -108,13 +106,12 @@ def test_the_lycoris_spelling_applies_the_same_change_in_comfyui_and_lycoris(nam
     base, model, weights = _trained(spec)
     expected = _merged_change(base, model)
     lycoris = to_lycoris(weights)
-    # ComfyUI's own DoRA arithmetic needs the magnitude corrected for it (the export for ComfyUI does so)
-    bases = {m: getattr(base, m).weight.detach() for m in ("up", "down")}
-    for module, parts in to_lycoris(weights, comfyui_dora_base=bases).items():
+    for module, parts in lycoris.items():
         assert parts[ALPHA].ndim == 0  # ComfyUI reads it with .item()
-        if spec.kind == "dora":
-            assert parts["dora_scale"].shape == (parts["lora_up.weight"].shape[0], 1)  # 2-D: any layer shape
-        weight = bases[module]
+        if spec.kind == "dora":  # 2-D, so ComfyUI applies it to any layer shape; its arithmetic: see to_lycoris
+            assert parts["dora_scale"].shape == (parts["lora_up.weight"].shape[0], 1)
+            continue
+        weight = getattr(base, module).weight.detach()
         torch.testing.assert_close(_comfyui_weight(weight, parts) - weight, expected[module], rtol=0, atol=1e-5)
     # LyCORIS itself (upstream ACE-Step 1.5's LoKr path) on a fresh copy of the base
     flat = {f"lycoris_{module}.{part}": tensor for module, parts in lycoris.items() for part, tensor in parts.items()}
@@ -176,3 +173,16 @@ def test_bad_adapter_tensors_are_refused_naming_the_module():
         AdapterSpec("oft", 4, 4.0)
     assert split_key("layers.0.attn.to_q.lokr_w1_a") == ("layers.0.attn.to_q", "lokr_w1_a")
     assert split_key("x.lora_up.weight") == ("x", "lora_B.weight") and split_key("x.weight") is None
+
+
+@pytest.mark.parametrize("name,spec", SPECS, ids=[n for n, _ in SPECS])
+def test_the_shapes_peft_builds_are_predicted_and_misfits_named(name, spec):
+    from acestep_dist.families.adapters import expected_shapes, fit_problem
+
+    _, _, weights = _trained(spec)
+    for module, (out, inp) in (("up", (96, 48)), ("down", (48, 96))):
+        assert {k: tuple(v.shape) for k, v in weights.parts(module).items()} == expected_shapes(spec, out, inp)
+        assert fit_problem(weights, module, out, inp) is None
+    assert "another model size" in fit_problem(weights, "up", 96, 40)
+    other = AdapterSpec(spec.kind, spec.rank * 2 if spec.kind != "lokr" else 1, spec.alpha, decompose_both=True)
+    assert "are not those of a" in fit_problem(AdapterWeights(other, weights.state), "up", 96, 48)

@@ -209,19 +209,32 @@ class AdapterWeights:
         """The change the adapter makes to the module's weight (DoRA needs the base weight)."""
         return _delta(self.spec, self.parts(module), base_weight)
 
-    def rescaled(self, alpha: float, use_rslora: bool = False) -> "AdapterWeights":
-        """The same adapter (the same change to every weight) under another alpha / rsLoRA."""
-        target = replace(self.spec, alpha=float(alpha), use_rslora=use_rslora)
-        factor = self.spec.scale / target.scale
+    def rescaled(self, alpha: float, use_rslora: bool = False, strength: float = 1.0) -> "AdapterWeights":
+        """The same adapter under another alpha / rsLoRA: the same change to every weight, times
+        ``strength`` (DoRA: its low-rank term times ``strength``, as peft's adapter scale does)."""
+        return self.converted(replace(self.spec, alpha=float(alpha), use_rslora=use_rslora), strength)
+
+    def converted(self, target: AdapterSpec, strength: float = 1.0) -> "AdapterWeights":
+        """The same adapter described by ``target`` (another alpha, rsLoRA flag, or the rank a
+        LoKr of whole matrices is given): tensors rescaled so the change stays (times ``strength``)."""
+        if target.kind != self.spec.kind:
+            raise ValueError(f"a {self.spec.name} cannot become a {target.name}")
+        factor = self.spec.scale * strength / target.scale
         state = {}
         for key, value in self.state.items():
             part = split_key(key)[1]
             if self.spec.kind in ("lora", "dora") and part in LORA_PARTS:
-                value = value * math.sqrt(factor)  # both matrices: their sizes stay balanced
+                # both matrices, their sizes kept balanced; a negative factor turns B
+                value = value * math.sqrt(abs(factor)) * (-1.0 if factor < 0 and part == "lora_B.weight" else 1.0)
             elif part in ("lokr_w1", "lokr_w1_a", "hada_w1_a"):  # one factor of the product
                 value = value * factor
             state[key] = value
         return AdapterWeights(target, state, self.targets, list(self.notes))
+
+    def baked(self, strength: float = 1.0) -> "AdapterWeights":
+        """The same change (times ``strength``) carried by the tensors alone: alpha = rank, so any
+        reader that assumes scale 1 (or takes alpha from a header) applies it."""
+        return self.rescaled(float(self.spec.rank), False, strength)
 
     def renamed(self, rename) -> "AdapterWeights":
         """The same adapter with each module path passed through ``rename``."""
@@ -296,6 +309,46 @@ def _delta(spec: AdapterSpec, parts: Mapping[str, torch.Tensor], base_weight: to
     return parts[DORA_MAGNITUDE].unsqueeze(1) * merged / norm - base_weight
 
 
+def expected_shapes(spec: AdapterSpec, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    """The parts (and their shapes) peft builds for ``spec`` on a Linear of these widths."""
+    r = spec.rank
+    if spec.kind in ("lora", "dora"):
+        shapes = {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+        if spec.kind == "dora":
+            shapes[DORA_MAGNITUDE] = (out_features,)
+        return shapes
+    if spec.kind == "loha":
+        return {"hada_w1_a": (out_features, r), "hada_w1_b": (r, in_features),
+                "hada_w2_a": (out_features, r), "hada_w2_b": (r, in_features)}
+    from peft.tuners.lokr.layer import factorization  # peft's own rule, so the shapes are what it builds
+
+    out_l, out_k = factorization(out_features, spec.decompose_factor)
+    in_m, in_n = factorization(in_features, spec.decompose_factor)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if spec.decompose_both and r < max(out_l, in_m) / 2:
+        shapes.update(lokr_w1_a=(out_l, r), lokr_w1_b=(r, in_m))
+    else:
+        shapes["lokr_w1"] = (out_l, in_m)
+    if r < max(out_k, in_n) / 2:
+        shapes.update(lokr_w2_a=(out_k, r), lokr_w2_b=(r, in_n))
+    else:
+        shapes["lokr_w2"] = (out_k, in_n)
+    return shapes
+
+
+def fit_problem(weights: AdapterWeights, module: str, out_features: int, in_features: int) -> str | None:
+    """Why the module's tensors are not what peft builds for ``weights.spec`` on this Linear (None: they are)."""
+    have = {part: tuple(t.shape) for part, t in weights.parts(module).items()}
+    want = expected_shapes(weights.spec, out_features, in_features)
+    if have == want:
+        return None
+    if weights.shape(module) != (out_features, in_features):
+        out, inp = weights.shape(module)
+        return f"it is {out}x{inp}, the model's layer {out_features}x{in_features} (an adapter of another model size?)"
+    return (f"its tensors ({', '.join(f'{k} {v}' for k, v in sorted(have.items()))}) are not those of a "
+            f"{weights.spec.describe()} ({', '.join(f'{k} {v}' for k, v in sorted(want.items()))})")
+
+
 def rank_of(kind: str, parts: Mapping[str, torch.Tensor]) -> int | None:
     """The rank a module's tensors show (None: a LoKr of two whole matrices has none)."""
     if kind in ("lora", "dora"):
@@ -310,15 +363,14 @@ def rank_of(kind: str, parts: Mapping[str, torch.Tensor]) -> int | None:
 
 
 # ------------------------------------------------------------------------ LyCORIS / ComfyUI
-def to_lycoris(weights: AdapterWeights, comfyui_dora_base: Mapping[str, torch.Tensor] | None = None
-               ) -> dict[str, dict[str, torch.Tensor]]:
+def to_lycoris(weights: AdapterWeights) -> dict[str, dict[str, torch.Tensor]]:
     """module -> its tensors in LyCORIS's spelling (``alpha`` included): what LyCORIS's loader and
     ComfyUI's apply with the same effect as peft (at strength 1).
 
-    DoRA: LyCORIS rescales each row of the adapted weight ``W0 + dW`` to the magnitude by that
-    row's own norm, as peft does; ComfyUI (``weight_decompose``, through 2026) divides by the norm of
-    ``W0`` instead. With ``comfyui_dora_base`` (module -> base weight) the magnitude written is
-    corrected for that, so ComfyUI applies exactly what was trained (and LyCORIS would not)."""
+    DoRA's magnitude is written as trained (LyCORIS's convention, which every DoRA trainer's files
+    follow): LyCORIS and peft rescale each row of ``W0 + dW`` by that row's norm; ComfyUI's
+    ``weight_decompose`` (through 2026) divides by the norm of ``W0`` instead, which differs by the
+    relative change the adapter makes to each row's norm."""
     spec = weights.spec
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for module in weights.modules:
@@ -328,12 +380,7 @@ def to_lycoris(weights: AdapterWeights, comfyui_dora_base: Mapping[str, torch.Te
         if spec.kind in ("lora", "dora"):
             out["lora_down.weight"], out["lora_up.weight"] = parts["lora_A.weight"], parts["lora_B.weight"]
             if spec.kind == "dora":
-                magnitude = parts[DORA_MAGNITUDE]
-                if comfyui_dora_base is not None:
-                    base = comfyui_dora_base[module].float()
-                    adapted = base + spec.scale * (parts["lora_B.weight"] @ parts["lora_A.weight"])
-                    magnitude = magnitude * torch.linalg.norm(base, dim=1) / torch.linalg.norm(adapted, dim=1)
-                out["dora_scale"] = magnitude.reshape(-1, 1)
+                out["dora_scale"] = parts[DORA_MAGNITUDE].reshape(-1, 1)
         elif spec.kind == "lokr" and rank is None:
             # two whole matrices: LyCORIS and ComfyUI apply scale 1 whatever alpha says
             parts["lokr_w1"] = parts["lokr_w1"] * spec.scale

@@ -296,7 +296,8 @@ class Family(ABC):
     variant_aliases: ClassVar[dict[str, str]] = {}
     default_variant: ClassVar[str]
     lora_presets: ClassVar[tuple[str, ...]] = ()
-    lora_formats: ClassVar[tuple[str, ...]] = ()  # what export writes for a LoRA run
+    adapters: ClassVar[tuple[str, ...]] = ("lora",)  # the adapter kinds (config ``adapter``) it trains
+    lora_formats: ClassVar[tuple[str, ...]] = ()  # what export writes for an adapter run (some kinds fewer)
     full_formats: ClassVar[tuple[str, ...]] = ()  # what export writes for a full fine-tune
     tasks: ClassVar[tuple[str, ...]] = ("text2music",)
     max_generate_seconds: ClassVar[float | None] = None  # the longest render the model was trained for
@@ -335,6 +336,10 @@ class Family(ABC):
     def legacy_weights(self, state: dict[str, Any]) -> list[str]:
         """The weight files of a run state written before states listed them (none: unreadable)."""
         return []
+
+    def adapter_formats(self, adapter: str) -> tuple[str, ...]:
+        """The export formats of ``lora_formats`` whose consumers load an adapter of kind ``adapter``."""
+        return self.lora_formats if adapter in self.adapters else ()
 
     def lora_info(self, path: str) -> dict[str, Any]:
         """Read a LoRA file or folder (rank, alpha, provenance) without a model; raise UserError."""

@@ -9,12 +9,27 @@ from typing import Sequence
 from ..errors import UserError
 
 
-def lora_config(config, targets: Sequence[str]):
-    """peft's LoraConfig of a training config's LoRA keys for the modules ``targets``."""
-    from peft import LoraConfig
+def adapter_config(config, targets: Sequence[str]):
+    """peft's config of a training config's adapter (``adapter``, ``lora_rank``, ...) on ``targets``."""
+    from .adapters import AdapterSpec
 
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(targets), use_rslora=config.use_rslora, init_lora_weights=True)
+    spec = AdapterSpec.from_config(config)
+    dropout = config.lora_dropout if spec.kind in ("lora", "dora") else config.adapter_module_dropout
+    return spec.peft_config(targets, dropout)
+
+
+# peft names an adapter's layers after its kind: lora_A / lora_B / lora_magnitude_vector, lokr_w*, hada_w*
+ADAPTER_MARKERS = (".lora_", ".lokr_", ".hada_")
+
+
+def is_adapter_key(name: str) -> bool:
+    """Whether a parameter or state-dict name is one of an adapter's (not the base model's)."""
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def adapter_parameters(module) -> list:
+    """The parameters peft added to ``module`` for its adapters."""
+    return [p for name, p in module.named_parameters() if is_adapter_key(name)]
 
 
 def encode_unpadded(text_encoder, ids: Sequence[Sequence[int]]) -> list:

@@ -15,18 +15,25 @@ from ..base import ModelDescription
 from .lora_formats import read_lora, write_comfyui, write_upstream
 from .training import LORA_FILE, LYRIC_ENCODER_FILE, TRANSFORMER_DIR
 
-LORA_README = """ACE-Step v1 LoRA: rank {rank}, alpha {alpha:g}{rslora} (scale {scale:g}), on {targets}.
-
+LORA_README = """ACE-Step v1 {description} (scale {scale:g}), on {targets}.
+{files}acedist: acedist generate --model BASE --lora <any of these files> ...
+{lyric}"""
+UPSTREAM_NOTE = """
 upstream/pytorch_lora_weights.safetensors
     upstream ACE-Step v1: pass the folder as lora_name_or_path (ACEStepPipeline(...)(lora_name_or_path=
     "upstream/", lora_weight=1.0)) or to its Gradio app; SimpleTuner and diffusers'
     load_lora_adapter(..., prefix=None) read it too. The trained scale is baked into the weights,
     so every loader applies it at weight 1.0 (upstream's own files need alpha/sqrt(rank) elsewhere).
+"""
+COMFYUI_NOTE = """
 comfyui/{name}.safetensors
     ComfyUI: copy into ComfyUI/models/loras/ and use a LoRA loader node on the ACE-Step v1 model
-    at strength 1.0 (keys diffusion_model.*, .alpha = scale x rank per module).
-acedist: acedist generate --model BASE --lora <either file> ...
-{lyric}"""
+    at strength 1.0 (keys diffusion_model.*, LyCORIS part names, an alpha per module that gives the
+    trained scale).{dora}
+"""
+DORA_NOTE = """ ComfyUI (through 2026) normalises a DoRA's rows by the base weight's norm, not the
+    adapted weight's as training did: its output differs by the relative change the adapter makes
+    to each row's norm (small for a trained adapter); acedist and LyCORIS apply it exactly."""
 LYRIC_NOTE = """
 upstream/lyric_encoder.safetensors
     the lyric embedding, Conformer and projection trained in full (lyrics_embedder_train), upstream
@@ -61,8 +68,10 @@ def export_lora(run_folder: Path, weights: Sequence[str], out: Path, formats: Se
         shutil.copyfile(run_folder / LYRIC_ENCODER_FILE, target)
         written.append(target)
         lyric = LYRIC_NOTE
-    body = LORA_README.format(rank=lora.rank, alpha=lora.alpha, scale=lora.scale, name=name, lyric=lyric,
-                              rslora=" rsLoRA" if lora.use_rslora else "", targets=", ".join(lora.targets))
+    files = (UPSTREAM_NOTE if "upstream" in formats else "") + (
+        COMFYUI_NOTE.format(name=name, dora=DORA_NOTE if lora.spec.kind == "dora" else "") if "comfyui" in formats else "")
+    body = LORA_README.format(description=lora.spec.describe(), scale=lora.spec.scale, files=files, lyric=lyric,
+                              targets=", ".join(lora.targets))
     return written, body
 
 

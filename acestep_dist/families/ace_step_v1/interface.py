@@ -47,6 +47,7 @@ class AceStepV1Family(Family):
     variants = VARIANT_NAMES
     default_variant = "base"
     lora_presets = tuple(LORA_PRESETS)
+    adapters = ("lora", "dora", "lokr", "loha")
     lora_formats = ("upstream", "comfyui")
     full_formats = ("upstream",)
     tasks = ("text2music",)
@@ -132,7 +133,12 @@ class AceStepV1Family(Family):
         from .lora_formats import read_lora, read_provenance
 
         weights = read_lora(path)
-        return {"rank": weights.rank, "alpha": weights.alpha, "provenance": read_provenance(path) or {}}
+        return {"adapter": weights.spec.kind, "rank": weights.spec.rank, "alpha": weights.spec.alpha,
+                "provenance": read_provenance(path) or {}}
+
+    def adapter_formats(self, adapter: str) -> tuple[str, ...]:
+        # upstream's load_lora (diffusers' load_lora_adapter) builds LoRA / DoRA layers only
+        return self.lora_formats if adapter in ("lora", "dora") else ("comfyui",)
 
     def export_lora(self, run_folder: Path, weights: Sequence[str], out: Path, formats: Sequence[str], name: str,
                     provenance: dict[str, Any]) -> tuple[list[Path], str]:
@@ -198,7 +204,7 @@ class AceStepV1Model(FamilyModel):
 
         if lora:
             weights = load_lora_into(self.operations.components.transformer, lora, lora_scale)
-            log(f"generate: LoRA {lora} (rank {weights.rank}, alpha {weights.alpha:g}) at scale {lora_scale:g}")
+            log(f"generate: {weights.spec.name} {lora} ({weights.spec.describe()}) at scale {lora_scale:g}")
         return render(self.operations, request, lyrics_vocab=request.options.get("lyrics_vocab"))
 
 

@@ -27,7 +27,7 @@ import torch
 
 from ...errors import UserError
 from ..base import RenderRequest, Trainable
-from ..common import lora_config
+from ..common import adapter_config, adapter_parameters, is_adapter_key
 from .lora_formats import LYRIC_ENCODER_FILE  # lyric embedding + Conformer + projection, when trained
 from .model import V1Batch, V1Operations, training_schedule
 from .options import TrainOptions, lora_targets
@@ -212,11 +212,11 @@ class V1Trainable(Trainable):
             self.targets = lora_targets(config.lora_preset)
             # read and checked against the plain DiT, before adapters wrap its layers
             init = load_init_lora(config, self.targets, transformer) if config.init_lora else None
-            torch.manual_seed(config.seed)  # LoRA A starts random: the same start on every worker
-            transformer.add_adapter(lora_config(config, self.targets), adapter_name=ADAPTER_NAME)
+            torch.manual_seed(config.seed)  # adapters start random: the same start on every worker
+            transformer.add_adapter(adapter_config(config, self.targets), adapter_name=ADAPTER_NAME)
             if init is not None:
-                set_peft_model_state_dict(transformer, init.peft_state_dict(), adapter_name=ADAPTER_NAME)
-            dit_params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+                set_peft_model_state_dict(transformer, init.state, adapter_name=ADAPTER_NAME)
+            dit_params = adapter_parameters(transformer)
             for p in dit_params:
                 p.requires_grad_(True)
         else:
@@ -259,12 +259,16 @@ class V1Trainable(Trainable):
         """The adapter as it stands (call under ZeRO-3 parameter gathering)."""
         from peft import get_peft_model_state_dict
 
-        from .lora_formats import LoraWeights
+        from ..adapters import AdapterSpec, AdapterWeights
+        from .lora_formats import targets_of
 
         transformer = self.operations.components.transformer
         state = {k: v.detach().to("cpu", torch.float32).clone()
-                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()}
-        return LoraWeights.from_peft(state, self.config.lora_rank, self.config.lora_alpha, self.config.use_rslora)
+                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()
+                 if is_adapter_key("." + k)}
+        weights = AdapterWeights(AdapterSpec.from_config(self.config), state)
+        weights.targets = targets_of(weights.modules)
+        return weights
 
     def save(self, folder: Path) -> list[str]:
         from safetensors.torch import save_file
@@ -280,7 +284,7 @@ class V1Trainable(Trainable):
             written = [TRANSFORMER_DIR]
         if self.options.lyrics_embedder_train and self.config.model_type == "lora":
             state = {f"{part}.{k}": v.detach().cpu().contiguous() for part in LYRIC_PARTS
-                     for k, v in getattr(transformer, part).state_dict().items() if "lora_" not in k}
+                     for k, v in getattr(transformer, part).state_dict().items() if not is_adapter_key("." + k)}
             save_file({k.replace(".base_layer", ""): v for k, v in state.items()}, str(folder / LYRIC_ENCODER_FILE))
             written.append(LYRIC_ENCODER_FILE)
         return written
