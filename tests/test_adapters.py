@@ -78,7 +78,7 @@ def _comfyui_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> tor
             dim, w2 = parts["lokr_w2_b"].shape[0], parts["lokr_w2_a"] @ parts["lokr_w2_b"]
         scale = alpha / dim if alpha is not None and dim is not None else 1.0
         return weight + scale * torch.kron(w1, w2)
-    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    down, up = parts.get("lora_down.weight", parts.get("lora_A.weight")), parts.get("lora_up.weight", parts.get("lora_B.weight"))
     scale = alpha / down.shape[0] if alpha is not None else 1.0
     return weight + scale * (up @ down)
 

@@ -19,14 +19,15 @@ from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.export import export
 from acestep_dist.families.ace_step_15 import AceStep15
-from acestep_dist.families.ace_step_15.lora_formats import LoraWeights, read_lora, write_diffusers, write_peft
+from acestep_dist.families.adapters import AdapterSpec, AdapterWeights
+from acestep_dist.families.ace_step_15.lora_formats import read_lora, write_diffusers, write_peft
 from acestep_dist.paths import existing_file_text
 from acestep_dist.families.ace_step_15.training import LORA_FILE, TRANSFORMER_DIR
 from acestep_dist.train.layout import FINAL_DIR, STATE_FILE
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_turbo) -> LoraWeights:
+def lora(tiny_turbo) -> AdapterWeights:
     """A LoRA on the tiny DiT's attention, as PEFT builds it, with random (non-zero) matrices: no training."""
     from peft import LoraConfig, get_peft_model_state_dict
 
@@ -36,7 +37,7 @@ def lora(tiny_turbo) -> LoraWeights:
     generator = torch.Generator().manual_seed(5)
     state = {key: 0.2 * torch.randn(value.shape, generator=generator)
              for key, value in get_peft_model_state_dict(transformer).items()}
-    return LoraWeights(state, 4, 8.0, False, targets)
+    return AdapterWeights(AdapterSpec("lora", 4, 8.0), state, targets)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def _corruptions(lora_files: dict[str, Path], tiny_turbo: Path, root: Path) -> l
     half = root / "half.safetensors"  # lora_A without its lora_B
     tensors = load_file(lora_files["diffusers"])
     save_file({k: v for k, v in tensors.items() if not k.endswith("to_q.lora_B.weight")}, half)
-    cases.append((half, "to_q has lora_A but no lora_B"))
+    cases.append((half, "to_q: a LoRA module needs lora_A.weight, lora_B.weight; missing lora_B.weight"))
     empty = root / "empty.safetensors"
     save_file({}, empty)
     cases.append((empty, "holds no tensors"))
@@ -151,7 +152,7 @@ def test_export_of_a_corrupt_or_incomplete_run_names_the_file(lora, lora_files, 
     good = _lora_run(tmp_path / "good", lora_files, tiny_turbo)
     export(good, tmp_path / "good-export", "peft", log=lambda _: None)  # the hand-made run is a valid one
     exported = read_lora(tmp_path / "good-export" / "peft")
-    assert all(torch.equal(exported.state_dict[k], v) for k, v in lora.state_dict.items())
+    assert all(torch.equal(exported.state[k], v) for k, v in lora.state.items())
 
     def broken(name: str, change) -> Path:
         run = tmp_path / name
@@ -214,10 +215,10 @@ def test_a_duration_the_model_cannot_render_is_refused(tiny_turbo, tmp_path, dur
 def test_the_peft_weights_file_works_like_its_folder(lora, lora_files, tiny_turbo, tmp_path):
     folder = lora_files["peft"]
     from_file, from_folder = read_lora(folder / "adapter_model.safetensors"), read_lora(folder)
-    assert (from_file.rank, from_file.alpha, from_file.targets) == (from_folder.rank, from_folder.alpha,
+    assert (from_file.spec.rank, from_file.spec.alpha, from_file.targets) == (from_folder.spec.rank, from_folder.spec.alpha,
                                                                      from_folder.targets) == (4, 8.0, tuple(sorted(lora.targets)))
-    assert from_file.state_dict.keys() == lora.state_dict.keys()
-    assert all(torch.equal(from_file.state_dict[k], v) for k, v in lora.state_dict.items())
+    assert from_file.state.keys() == lora.state.keys()
+    assert all(torch.equal(from_file.state[k], v) for k, v in lora.state.items())
 
     def render(name: str, *lora_args: str) -> torch.Tensor:
         result = _acedist("generate", "--model", str(tiny_turbo), *lora_args, "--prompt", "calm", "--duration", "1",
@@ -249,4 +250,4 @@ def test_export_writes_only_into_a_new_empty_or_earlier_export_folder(lora_files
     # an earlier export of ours is replaced in place
     export(run, tmp_path / "export", "all", log=lambda _: None)
     export(run, tmp_path / "export", "all", log=lambda _: None)
-    assert read_lora(tmp_path / "export" / "peft").rank == read_lora(lora_files["diffusers"]).rank
+    assert read_lora(tmp_path / "export" / "peft").spec == read_lora(lora_files["diffusers"]).spec

@@ -369,9 +369,9 @@ def test_lora_presets_and_rslora_survive_every_export_format(prep_model, tmp_pat
         expected = transformer(**inputs)[0]
     for name, path in files.items():
         read = read_lora(path)
-        assert (read.rank, set(read.targets)) == (4, set(weights.targets)), name
+        assert (read.spec.rank, set(read.targets)) == (4, set(weights.targets)), name
         # ComfyUI has no rsLoRA flag: its alpha carries the same scale (8 / sqrt(4) = 16 / 4)
-        assert read.scale == pytest.approx(8.0 / 2) and (read.use_rslora or name == "comfyui"), name
+        assert read.spec.scale == pytest.approx(8.0 / 2) and (read.spec.use_rslora or name == "comfyui"), name
         other = AceStep15.load(str(prep_model), ("transformer", "condition_encoder", "text_encoder", "tokenizer"))
         build_trainable(other, TrainConfig(**{**config.model_dump(), "init_lora": str(path)}))
         other.components.transformer.eval()
@@ -382,7 +382,7 @@ def test_lora_presets_and_rslora_survive_every_export_format(prep_model, tmp_pat
                                           "init_lora": None}))  # the same weights at alpha / r instead of alpha / sqrt(r)
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(plain.components.transformer, weights.state_dict, adapter_name="default")
+    set_peft_model_state_dict(plain.components.transformer, weights.state, adapter_name="default")
     plain.components.transformer.eval()
     with torch.no_grad():
         assert (plain.components.transformer(**inputs)[0] - expected).abs().max() > 1e-4  # rsLoRA's scale counts
@@ -400,8 +400,8 @@ def test_accumulation_zero1_and_optimizer_offload_train_what_a_plain_batch_train
     config = TrainConfig(**{**TRAIN_COMMON, "train_batch_size": 1, "gradient_accumulation_steps": 2, "zero_stage": 1,
                             "offload_optimizer": True})
     run_train(config, str(train_shards), str(prep_model), str(run), workers=1, log=lambda _: None)
-    got = read_lora(run / "final" / "lora.safetensors").state_dict
-    expected = read_lora(reference_run / "final" / "lora.safetensors").state_dict
+    got = read_lora(run / "final" / "lora.safetensors").state
+    expected = read_lora(reference_run / "final" / "lora.safetensors").state
     assert got.keys() == expected.keys()
     assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= 1e-5
 

@@ -76,8 +76,8 @@ def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path, mo
     assert state["config"]["init_lora"] == str(work / "init" / "pytorch_lora_weights.safetensors")
     assert state["config"]["validation_lyrics"] == LYRICS  # read on the driver
     assert (work / "run" / "samples" / "step-2.wav").is_file()
-    trained = read_lora(work / "run" / "final" / "lora.safetensors").state_dict
-    started = read_lora(work / "init" / "pytorch_lora_weights.safetensors").state_dict
+    trained = read_lora(work / "run" / "final" / "lora.safetensors").state
+    started = read_lora(work / "init" / "pytorch_lora_weights.safetensors").state
     assert trained.keys() == started.keys() and any(not torch.equal(trained[k], started[k]) for k in trained)
 
     _acedist("export", "work/run", "--out", "work/export")

@@ -241,8 +241,8 @@ def test_train_reads_s3_shards_checkpoints_to_s3_and_resumes(s3, s3_run, train_s
     local = tmp_path / "local"
     run_train(_config(6), str(train_shards), str(prep_model), str(local), workers=1, log=lambda _: None)
     s3.get_file(f"{run}/final/lora.safetensors", str(tmp_path / "s3-lora.safetensors"))
-    got = read_lora(tmp_path / "s3-lora.safetensors").state_dict
-    expected = read_lora(local / "final" / "lora.safetensors").state_dict
+    got = read_lora(tmp_path / "s3-lora.safetensors").state
+    expected = read_lora(local / "final" / "lora.safetensors").state
     assert got.keys() == expected.keys()
     assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= 1e-6
 
@@ -281,8 +281,8 @@ def test_export_reads_a_run_from_s3(s3, s3_run, prep_model, tmp_path):
     out = tmp_path / "export"
     export(RUN, out, "all", log=lambda _: None)
     s3.get_file(f"{BUCKET}/runs/lora/final/lora.safetensors", str(tmp_path / "final.safetensors"))
-    trained = read_lora(tmp_path / "final.safetensors").state_dict
-    exported = read_lora(out / "diffusers" / "pytorch_lora_weights.safetensors").state_dict
+    trained = read_lora(tmp_path / "final.safetensors").state
+    exported = read_lora(out / "diffusers" / "pytorch_lora_weights.safetensors").state
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
     assert (out / "peft" / "adapter_config.json").is_file() and (out / "comfyui" / "lora.safetensors").is_file()
     assert RUN in (out / "README.txt").read_text() and "step 6" in (out / "README.txt").read_text()

@@ -39,7 +39,7 @@ def _config(**overrides) -> TrainConfig:
 
 
 def _lora(run: Path) -> dict[str, torch.Tensor]:
-    return read_lora(run / "final" / "lora.safetensors").state_dict
+    return read_lora(run / "final" / "lora.safetensors").state
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -29,7 +29,7 @@ def test_two_node_training_gives_the_weights_of_one_process(tmp_path, train_shar
     assert "weights in" in result.stdout
 
     # reference_run: one worker with the same global batch of 2 (batch 2), on the test session's own Ray
-    got, want = (read_lora(run / "final" / "lora.safetensors").state_dict for run in (on_cluster, reference_run))
+    got, want = (read_lora(run / "final" / "lora.safetensors").state for run in (on_cluster, reference_run))
     assert got.keys() == want.keys()
     assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-5
     # the histogram gathers both workers' timesteps: keyed draws, so the same ones as one worker

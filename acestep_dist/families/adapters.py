@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -394,6 +394,14 @@ def to_lycoris(weights: AdapterWeights) -> dict[str, dict[str, torch.Tensor]]:
     return modules
 
 
+def to_comfyui(weights: AdapterWeights) -> dict[str, dict[str, torch.Tensor]]:
+    """``to_lycoris`` with LoRA matrices under peft's names (``lora_A`` / ``lora_B``), which
+    ComfyUI's loader reads as ``lora_down`` / ``lora_up`` (REFERENCE.md's ComfyUI spelling)."""
+    renames = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+    return {module: {renames.get(part, part): tensor for part, tensor in parts.items()}
+            for module, parts in to_lycoris(weights).items()}
+
+
 def from_lycoris(modules: Mapping[str, Mapping[str, torch.Tensor]], where: str,
                  spec_hint: AdapterSpec | None = None) -> AdapterWeights:
     """Modules in LyCORIS's / ComfyUI's spelling (part names already read by ``split_key``, so
@@ -460,3 +468,24 @@ def lokr_factor(modules: Mapping[str, Mapping[str, torch.Tensor]], where: str) -
             return candidate
     raise UserError(f"{where}: its LoKr factors split the layer widths in a way peft cannot rebuild "
                     f"(an unbalanced factorisation?)")
+
+
+def check_init_adapter(weights: AdapterWeights, config, targets: Sequence[str], model: torch.nn.Module,
+                       where: str) -> None:
+    """An adapter a run continues from (``init_lora``) must be the run's kind with the tensors peft
+    builds for the run's settings (rank, LoKr factors) on ``model``'s layers, adapting only the
+    preset's modules. Its alpha may differ: it is converted, keeping the change it makes."""
+    run = AdapterSpec.from_config(config)
+    if weights.spec.kind != run.kind:
+        raise UserError(f"{where} is a {weights.spec.name}; this run trains a {run.name} (adapter: {run.kind})")
+    extra = set(weights.targets) - set(targets)
+    if extra:
+        raise UserError(f"{where} does not fit this run: targets {sorted(extra)} outside lora_preset "
+                        f"{config.lora_preset!r} ({', '.join(targets)})")
+    as_run = AdapterWeights(replace(run, alpha=weights.spec.alpha, use_rslora=weights.spec.use_rslora), weights.state)
+    for module_name in weights.modules:
+        module = model.get_submodule(module_name)
+        problem = fit_problem(as_run, module_name, module.out_features, module.in_features)
+        if problem:
+            detail = f"rank {weights.spec.rank} (lora_rank is {run.rank})" if weights.spec.rank != run.rank else problem
+            raise UserError(f"{where} does not fit this run: {detail}")

@@ -28,8 +28,8 @@ KINDS = {
     "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0),
 }
 # ComfyUI's part names per kind (comfy/weight_adapter/{lora,lokr,loha}.py)
-COMFY_PARTS = {"lora": {"lora_down.weight", "lora_up.weight", ALPHA},
-               "dora": {"lora_down.weight", "lora_up.weight", "dora_scale", ALPHA},
+COMFY_PARTS = {"lora": {"lora_A.weight", "lora_B.weight", ALPHA},
+               "dora": {"lora_A.weight", "lora_B.weight", "dora_scale", ALPHA},
                "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", ALPHA},
                "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", ALPHA}}
 

@@ -1,9 +1,9 @@
-"""ACE-Step 1.5 exports: a LoRA in the three spellings its consumers load, a full fine-tune as a
+"""ACE-Step 1.5 exports: an adapter in the spellings its consumers load, a full fine-tune as a
 diffusers pipeline folder and as upstream's checkpoint files.
 
-LoRA -> ``diffusers/pytorch_lora_weights.safetensors`` (adapter config in the header),
-``peft/`` (``adapter_config.json`` + ``adapter_model.safetensors``, upstream module names) and
-``comfyui/<name>.safetensors`` (``.alpha`` per module). Full fine-tune -> ``diffusers/`` (a
+Adapter -> ``diffusers/pytorch_lora_weights.safetensors`` (LoRA / DoRA; adapter config in the
+header), ``peft/`` (``adapter_config.json`` + ``adapter_model.safetensors``, upstream module names),
+``comfyui/<name>.safetensors`` (``alpha`` per module) and, for a LoKr, ``lycoris/`` (upstream's). Full fine-tune -> ``diffusers/`` (a
 pipeline folder ``AceStepPipeline.from_pretrained`` loads) and ``upstream/model.safetensors``
 (upstream key names, with its ``config.json`` and ``silence_latent.pt``).
 """
@@ -20,21 +20,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
-from .lora_formats import read_lora, with_provenance, write_comfyui, write_diffusers, write_peft
+from .lora_formats import read_lora, with_provenance, write_comfyui, write_diffusers, write_lycoris, write_peft
 from .training import LORA_FILE, LYRIC_ENCODER_FILE, TRANSFORMER_DIR
 
-LORA_README = """LoRA rank {rank}, alpha {alpha:g}{rslora}, on the DiT's {targets}.
-
+LORA_README = """{description}, on the DiT's {targets}.
+{files}acedist: acedist generate --model BASE --lora <any of these> ...
+"""
+FORMAT_NOTES = {
+    "diffusers": """
 diffusers/pytorch_lora_weights.safetensors
     diffusers: pipe = AceStepPipeline.from_pretrained(BASE); pipe.load_lora_weights("diffusers/")
     The adapter config (rank, alpha) is in the file header, so it loads at scale 1.0 as trained.
+""",
+    "peft": """
 peft/ (adapter_config.json + adapter_model.safetensors)
-    upstream ACE-Step 1.5: PeftModel.from_pretrained(model.decoder, "peft/") - its LoRA folder.
+    upstream ACE-Step 1.5: PeftModel.from_pretrained(model.decoder, "peft/") - its adapter folder.
+""",
+    "comfyui": """
 comfyui/{name}.safetensors
     ComfyUI: copy into ComfyUI/models/loras/ and use a LoRA loader node on the ACE-Step 1.5 model
-    (keys diffusion_model.decoder.*, one .alpha per module).
-acedist: acedist generate --model BASE --lora <any of the three> ...
-"""
+    at strength 1.0 (keys diffusion_model.decoder.*, LyCORIS part names, an alpha per module).{dora}
+""",
+    "lycoris": """
+lycoris/lokr_weights.safetensors
+    upstream ACE-Step 1.5's LoKr loader (LyCORIS; its lokr_config header entry rebuilds the layers):
+    pass the lycoris/ folder (or the file) where it takes a LoKr.
+""",
+}
+DORA_NOTE = """ ComfyUI (through 2026) normalises a DoRA's rows by the base weight's norm, not the
+    adapted weight's as training did: its output differs by the relative change the adapter makes
+    to each row's norm (small for a trained adapter); acedist, peft and LyCORIS apply it exactly."""
 
 FULL_README = """A full fine-tune of the DiT{lyric}.
 
@@ -60,10 +75,13 @@ def export_lora(run_folder: Path, weights: Sequence[str], out: Path, formats: Se
         written.append(write_peft(lora, out / "peft") / "adapter_model.safetensors")
     if "comfyui" in formats:
         written.append(write_comfyui(lora, out / "comfyui" / f"{name}.safetensors"))
+    if "lycoris" in formats:
+        written.append(write_lycoris(lora, out / "lycoris"))
     for file in written:
         with_provenance(file, provenance)
-    body = LORA_README.format(rank=lora.rank, alpha=lora.alpha, name=name,
-                              rslora=" (rsLoRA)" if lora.use_rslora else "", targets=", ".join(lora.targets))
+    files = "".join(FORMAT_NOTES[f].format(name=name, dora=DORA_NOTE if lora.spec.kind == "dora" else "")
+                    for f in FORMAT_NOTES if f in formats)
+    body = LORA_README.format(description=lora.spec.describe(), targets=", ".join(lora.targets), files=files)
     return written, body
 
 

@@ -47,7 +47,8 @@ class AceStep15Family(Family):
     variant_aliases = {"xl": "xl-base"}
     default_variant = "turbo"
     lora_presets = tuple(LORA_PRESETS)
-    lora_formats = ("diffusers", "peft", "comfyui")
+    adapters = ("lora", "dora", "lokr", "loha")
+    lora_formats = ("diffusers", "peft", "comfyui", "lycoris")
     full_formats = ("diffusers", "upstream")
     tasks = ("text2music", "repaint", "cover")
     max_generate_seconds = MAX_GENERATE_SECONDS
@@ -124,7 +125,13 @@ class AceStep15Family(Family):
         from .lora_formats import read_lora, read_provenance
 
         weights = read_lora(path)
-        return {"rank": weights.rank, "alpha": weights.alpha, "provenance": read_provenance(path) or {}}
+        return {"adapter": weights.spec.kind, "rank": weights.spec.rank, "alpha": weights.spec.alpha,
+                "provenance": read_provenance(path) or {}}
+
+    def adapter_formats(self, adapter: str) -> tuple[str, ...]:
+        # diffusers' loader builds LoRA / DoRA layers; upstream loads a LoKr from LyCORIS's file
+        return {"lora": ("diffusers", "peft", "comfyui"), "dora": ("diffusers", "peft", "comfyui"),
+                "lokr": ("peft", "comfyui", "lycoris"), "loha": ("peft", "comfyui")}.get(adapter, ())
 
     def export_lora(self, run_folder: Path, weights: Sequence[str], out: Path, formats: Sequence[str], name: str,
                     provenance: dict[str, Any]) -> tuple[list[Path], str]:
@@ -175,7 +182,7 @@ class AceStep15Model(FamilyModel):
         pipe = family.pipeline()
         if lora:
             weights = load_lora_into(pipe, family, lora, lora_scale)
-            log(f"generate: LoRA {lora} (rank {weights.rank}, alpha {weights.alpha:g}) at scale {lora_scale:g}")
+            log(f"generate: {weights.spec.name} {lora} ({weights.spec.describe()}) at scale {lora_scale:g}")
         extra: dict = {}
         if request.source_audio is not None:
             # The VAE encodes whole latent frames only (floor): pad the source with silence to the

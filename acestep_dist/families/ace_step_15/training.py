@@ -14,10 +14,11 @@ import torch
 from ...errors import UserError
 from ...flow import TrainingRecipe, sampler_parameter_problem
 from ..base import RenderRequest, Trainable
-from ..common import lora_config
+from ..adapters import AdapterSpec, AdapterWeights, check_init_adapter
+from ..common import adapter_config, adapter_parameters, is_adapter_key
 from .attention import install_padding_masks
 from .family import AceStep15, TrainingBatch
-from .lora_formats import LoraWeights, check_fits, read_lora, write_diffusers
+from .lora_formats import check_fits, read_lora, targets_of, write_diffusers
 from .options import TrainOptions, lora_targets
 from .variants import VariantSpec
 
@@ -58,21 +59,7 @@ def training_recipe(variant: VariantSpec, config) -> TrainingRecipe:
                           shift=config.timestep_shift)
 
 
-def _check_init_lora(weights: LoraWeights, config, targets: Sequence[str], path: str) -> None:
-    problems = []
-    if weights.rank != config.lora_rank:
-        problems.append(f"rank {weights.rank} (lora_rank is {config.lora_rank})")
-    if abs(weights.scale - config.lora_alpha / (config.lora_rank ** 0.5 if config.use_rslora else config.lora_rank)) > 1e-6:
-        problems.append(f"alpha {weights.alpha:g}{' with rsLoRA' if weights.use_rslora else ''} "
-                        f"(lora_alpha is {config.lora_alpha:g}{' with rsLoRA' if config.use_rslora else ''})")
-    extra = set(weights.targets) - set(targets)
-    if extra:
-        problems.append(f"targets {sorted(extra)} outside lora_preset {config.lora_preset!r} ({', '.join(targets)})")
-    if problems:
-        raise UserError(f"init_lora {path} does not fit this run: " + "; ".join(problems))
-
-
-def read_init_lora(path: str) -> LoraWeights:
+def read_init_lora(path: str) -> AdapterWeights:
     """``init_lora`` read, any failure to read it as a LoRA turned into a UserError naming the file."""
     try:
         return read_lora(path)
@@ -98,10 +85,10 @@ def check_training(transformer_config: dict, variant: VariantSpec, config,
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
 
     weights = read_init_lora(config.init_lora)
-    _check_init_lora(weights, config, targets, config.init_lora)
     with torch.device("meta"):
         transformer = AceStepTransformer1DModel.from_config(transformer_config)
     check_fits(weights, transformer, variant.name, config.init_lora)
+    check_init_adapter(weights, config, targets, transformer, f"init_lora {config.init_lora}")
     return recipe
 
 
@@ -122,14 +109,15 @@ class AceStep15Trainable(Trainable):
             self.targets = lora_targets(config.lora_preset)
             init = read_init_lora(config.init_lora) if config.init_lora else None
             if init is not None:  # checked against the plain DiT, before adapters wrap its layers
-                _check_init_lora(init, config, self.targets, config.init_lora)
                 check_fits(init, transformer, family.variant.name, config.init_lora)
-            # LoRA A starts random: seed it, so the start does not depend on what was loaded before
+                check_init_adapter(init, config, self.targets, transformer, f"init_lora {config.init_lora}")
+                init = init.converted(AdapterSpec.from_config(config))  # the run's alpha: the same change
+            # adapters start random: seed them, so the start does not depend on what was loaded before
             torch.manual_seed(config.seed)
-            transformer.add_adapter(lora_config(config, self.targets), adapter_name=ADAPTER_NAME)
+            transformer.add_adapter(adapter_config(config, self.targets), adapter_name=ADAPTER_NAME)
             if init is not None:
-                set_peft_model_state_dict(transformer, init.state_dict, adapter_name=ADAPTER_NAME)
-            dit_params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+                set_peft_model_state_dict(transformer, init.state, adapter_name=ADAPTER_NAME)
+            dit_params = adapter_parameters(transformer)
             for p in dit_params:
                 p.requires_grad_(True)
         else:
@@ -164,15 +152,15 @@ class AceStep15Trainable(Trainable):
         return {"variant": self.family.variant.name,
                 "recipe": {"timestep_sampler": self.recipe.sampler_name, "cfg_dropout": self.recipe.cfg_dropout}}
 
-    def lora_weights(self) -> LoraWeights:
+    def lora_weights(self) -> AdapterWeights:
         """The adapter as it stands (call under ZeRO-3 parameter gathering)."""
         from peft import get_peft_model_state_dict
 
         transformer = self.family.components.transformer
         state = {k: v.detach().to("cpu", torch.float32).clone()
-                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()}
-        return LoraWeights(state, self.config.lora_rank, self.config.lora_alpha, self.config.use_rslora,
-                           tuple(self.targets))
+                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()
+                 if is_adapter_key("." + k)}
+        return AdapterWeights(AdapterSpec.from_config(self.config), state, targets_of(self.targets))
 
     def save(self, folder: Path) -> list[str]:
         from safetensors.torch import save_file

@@ -13,7 +13,7 @@ self_attn.linear_q``, ``speaker_embedder``), the same in ComfyUI's port of the m
   scale 1 and gets what training saw. Our own header entry keeps the trained spec. A run's LoKr /
   LoHa is kept in the same spelling (``<module>.lokr_w1`` ...); no upstream code loads those.
 - **comfyui**: ``diffusion_model.<module>.<part>`` in LyCORIS's spelling with an ``alpha`` per
-  module (``adapters.to_lycoris``), so ComfyUI applies the trained scale at strength 1.0, where
+  module (``adapters.to_comfyui``), so ComfyUI applies the trained scale at strength 1.0, where
   upstream's own files need strength alpha/sqrt(rank).
 
 Reading accepts both, bare or ``diffusion_model.`` / ``transformer.`` / ``base_model.model.``
@@ -25,7 +25,6 @@ then restores the trained alpha (the change the adapter makes stays the same).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
-from ..adapters import (ALPHA, DORA_MAGNITUDE, PEFT_TYPES, AdapterSpec, AdapterWeights, fit_problem, from_lycoris,
-                        rank_of, split_key, to_lycoris)
+from ..adapters import (ALPHA, DORA_MAGNITUDE, PEFT_TYPES, AdapterSpec, AdapterWeights, check_init_adapter,
+                        fit_problem, from_lycoris, rank_of, split_key, to_comfyui)
 from ..common import json_table, safetensors_header
 
 UPSTREAM_FILE = "pytorch_lora_weights.safetensors"
@@ -144,24 +143,8 @@ def check_fits(weights: AdapterWeights, transformer: torch.nn.Module, source: st
 
 
 def check_init_lora(weights: AdapterWeights, config, targets: Sequence[str], transformer: torch.nn.Module) -> None:
-    """``init_lora`` must be the run's adapter kind with the run's shapes (rank, LoKr factors) and
-    adapt only the preset's modules (its scale is converted to the run's alpha: the effect is kept)."""
-    run = AdapterSpec.from_config(config)
-    where = f"init_lora {config.init_lora}"
-    if weights.spec.kind != run.kind:
-        raise UserError(f"{where} is a {weights.spec.name}; this run trains a {run.name} (adapter: {run.kind})")
-    extra = set(weights.targets) - set(targets)
-    if extra:
-        raise UserError(f"{where} does not fit this run: targets {sorted(extra)} outside lora_preset "
-                        f"{config.lora_preset!r} ({', '.join(targets)})")
     check_fits(weights, transformer, config.init_lora)
-    as_run = AdapterWeights(replace(run, alpha=weights.spec.alpha, use_rslora=weights.spec.use_rslora), weights.state)
-    for module_name in weights.modules:
-        module = transformer.get_submodule(module_name)
-        problem = fit_problem(as_run, module_name, module.out_features, module.in_features)
-        if problem:
-            rank = f"rank {weights.spec.rank} (lora_rank is {config.lora_rank})" if weights.spec.rank != run.rank else ""
-            raise UserError(f"{where} does not fit this run: {rank or problem}")
+    check_init_adapter(weights, config, targets, transformer, f"init_lora {config.init_lora}")
 
 
 def load_init_lora(config, targets: Sequence[str], transformer: torch.nn.Module) -> AdapterWeights:
@@ -210,7 +193,7 @@ def write_upstream(weights: AdapterWeights, file: Path, provenance: dict | None 
 def write_comfyui(weights: AdapterWeights, file: Path, provenance: dict | None = None) -> Path:
     """ComfyUI's keys: ``diffusion_model.<module>.<part>`` in LyCORIS's spelling, ``alpha`` per module."""
     state = {f"{COMFY_PREFIX}{module}.{part}": tensor
-             for module, parts in to_lycoris(weights).items() for part, tensor in parts.items()}
+             for module, parts in to_comfyui(weights).items() for part, tensor in parts.items()}
     return _save(state, file, _header(weights, provenance))
 
 
