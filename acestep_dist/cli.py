@@ -120,6 +120,7 @@ def model_list() -> None:
         click.echo(f"{family.name}")
         click.echo(f"  variants      {', '.join(family.variants)}" + (f" (aliases: {aliases})" if aliases else ""))
         click.echo(f"  lora presets  {', '.join(family.lora_presets) or '-'}")
+        click.echo(f"  adapters      {', '.join(family.adapters) or '-'}")
         click.echo(f"  lora formats  {', '.join(family.lora_formats) or '-'}")
         click.echo(f"  full formats  {', '.join(family.full_formats) or '-'}")
         click.echo(f"  tasks         {', '.join(family.tasks)}")

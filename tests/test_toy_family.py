@@ -111,7 +111,7 @@ def chain(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_the_command_line_lists_and_builds_the_registered_family(chain):
     listing = chain["out"]["list"]
-    assert re.search(r"^toy-mlp\n  variants +small\n  lora presets +mlp, mlp-in\n  lora formats +safetensors\n"
+    assert re.search(r"^toy-mlp\n  variants +small\n  lora presets +mlp, mlp-in\n  adapters +lora\n  lora formats +safetensors\n"
                      r"  full formats +safetensors\n  tasks +text2music$", listing, re.M), listing
     assert "ace-step-1.5" in listing  # the built-in family is still there
     config = json.loads((chain["model"] / "toy_family.json").read_text())
