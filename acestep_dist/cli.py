@@ -241,7 +241,8 @@ def export(run, out, fmt, name) -> None:
 
 @cli.command()
 @click.option("--model", required=True, help="diffusers folder, upstream checkpoint folder, or hub id")
-@click.option("--lora", help="a LoRA in diffusers, PEFT (folder, or its adapter_model.safetensors) or ComfyUI format")
+@click.option("--lora", help="an adapter (LoRA, DoRA, LoKr, LoHa) in any format export writes: diffusers, PEFT (folder, "
+                             "or its adapter_model.safetensors), ComfyUI, LyCORIS, upstream v1, or a run's final/ file")
 @click.option("--lora-scale", default=1.0, show_default=True, type=float)
 @click.option("--prompt", required=True, help="the caption: genre, instruments, mood, ...")
 @click.option("--lyrics", help="lyrics text, or a lyrics file (one line with a / or a .txt/.lyrics/.lrc/.md "
