@@ -402,6 +402,22 @@ def to_comfyui(weights: AdapterWeights) -> dict[str, dict[str, torch.Tensor]]:
             for module, parts in to_lycoris(weights).items()}
 
 
+def from_peft(spec: AdapterSpec, modules: Mapping[str, Mapping[str, torch.Tensor]], where: str) -> AdapterWeights:
+    """Modules spelled as peft holds them (part names read by ``split_key``), scaled as ``spec`` (a
+    peft config's) says; their ranks must be the config's."""
+    if any(ALPHA in parts for parts in modules.values()):
+        raise UserError(f"{where}: alpha tensors beside a peft config (two scales for one adapter)")
+    state = {f"{module}.{part}": t.reshape(-1).float() if part == DORA_MAGNITUDE else t.float()
+             for module, parts in modules.items() for part, t in parts.items()}
+    weights = AdapterWeights(spec, state)
+    weights.check_complete(where)
+    for module in weights.modules:
+        rank = rank_of(spec.kind, weights.parts(module))
+        if rank is not None and rank != spec.rank:
+            raise UserError(f"{where}: {module} has rank {rank}, its adapter config says {spec.rank}")
+    return weights
+
+
 def from_lycoris(modules: Mapping[str, Mapping[str, torch.Tensor]], where: str,
                  spec_hint: AdapterSpec | None = None) -> AdapterWeights:
     """Modules in LyCORIS's / ComfyUI's spelling (part names already read by ``split_key``, so

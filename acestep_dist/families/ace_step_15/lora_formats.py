@@ -27,8 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
-from ..adapters import (ALPHA, DORA_MAGNITUDE, PEFT_TYPES, AdapterSpec, AdapterWeights, fit_problem, from_lycoris, rank_of,
-                        split_key, to_comfyui, to_lycoris)
+from ..adapters import (PEFT_TYPES, AdapterSpec, AdapterWeights, fit_problem, from_lycoris, from_peft, split_key,
+                        to_comfyui, to_lycoris)
 from ..common import json_table, safetensors_header
 from .keymap import ATTENTION_RENAMES, _rename, _unrename
 
@@ -156,21 +156,6 @@ def _modules(tensors: dict[str, torch.Tensor], kind: str, file: Path) -> dict[st
     return modules
 
 
-def _peft_weights(spec: AdapterSpec, modules: dict[str, dict[str, torch.Tensor]], where: str) -> AdapterWeights:
-    """Modules spelled as peft holds them, scaled by ``spec`` (a peft config's)."""
-    if any(ALPHA in parts for parts in modules.values()):
-        raise UserError(f"{where}: alpha tensors beside a peft config (two scales for one adapter)")
-    state = {f"{module}.{part}": t.reshape(-1).float() if part == DORA_MAGNITUDE else t.float()
-             for module, parts in modules.items() for part, t in parts.items()}
-    weights = AdapterWeights(spec, state)
-    weights.check_complete(where)
-    for module in weights.modules:
-        rank = rank_of(spec.kind, weights.parts(module))
-        if rank is not None and rank != spec.rank:
-            raise UserError(f"{where}: {module} has rank {rank}, its adapter config says {spec.rank}")
-    return weights
-
-
 def _upstream_lokr_spec(header: dict, where: str) -> AdapterSpec | None:
     """The spec of upstream 1.5's ``lokr_config`` header entry (its LoKRConfig), if there is one."""
     if not header.get(LOKR_CONFIG_KEY):
@@ -213,13 +198,13 @@ def read_lora(path: str | Path) -> AdapterWeights:
             config = json_table(config_file.read_text(encoding="utf-8"), f"LoRA config {config_file}")
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"LoRA config {config_file}: unreadable ({error})") from None
-        weights = _peft_weights(AdapterSpec.from_peft_json(config, f"LoRA config {config_file}"), modules, where)
+        weights = from_peft(AdapterSpec.from_peft_json(config, f"LoRA config {config_file}"), modules, where)
         listed = config.get("target_modules") or ()
         targets = tuple(sorted({_to_diffusers_module(t) for t in ([listed] if isinstance(listed, str) else listed)}))
     elif kind == "diffusers" and DIFFUSERS_METADATA_KEY in header:
         meta = json_table(header[DIFFUSERS_METADATA_KEY], f"{where}: its {DIFFUSERS_METADATA_KEY} header entry")
         meta = {k[len(DIFFUSERS_PREFIX):] if k.startswith(DIFFUSERS_PREFIX) else k: v for k, v in meta.items()}
-        weights = _peft_weights(AdapterSpec.from_peft_json(meta, f"{where}: its {DIFFUSERS_METADATA_KEY} header entry"),
+        weights = from_peft(AdapterSpec.from_peft_json(meta, f"{where}: its {DIFFUSERS_METADATA_KEY} header entry"),
                                 modules, where)
         targets = tuple(meta.get("target_modules") or ()) and targets_of(meta["target_modules"])
     else:

@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
-from ..adapters import (ALPHA, DORA_MAGNITUDE, PEFT_TYPES, AdapterSpec, AdapterWeights, check_init_adapter,
-                        fit_problem, from_lycoris, rank_of, split_key, to_comfyui)
+from ..adapters import (ALPHA, PEFT_TYPES, AdapterSpec, AdapterWeights, check_init_adapter, fit_problem, from_lycoris,
+                        from_peft, split_key, to_comfyui)
 from ..common import json_table, safetensors_header
 
 UPSTREAM_FILE = "pytorch_lora_weights.safetensors"
@@ -109,14 +109,7 @@ def read_lora(path: str | Path) -> AdapterWeights:
     else:
         config = json_table(header[DIFFUSERS_METADATA_KEY], f"{where}: its {DIFFUSERS_METADATA_KEY!r} header entry")
         spec = AdapterSpec.from_peft_json(config, f"{where}: its {DIFFUSERS_METADATA_KEY!r} header entry")
-        state = {f"{module}.{part}": tensor.reshape(-1).float() if part == DORA_MAGNITUDE else tensor.float()
-                 for module, parts in modules.items() for part, tensor in parts.items()}
-        weights = AdapterWeights(spec, state)
-        weights.check_complete(where)
-        for module in weights.modules:
-            rank = rank_of(spec.kind, weights.parts(module))
-            if rank is not None and rank != spec.rank:
-                raise UserError(f"{where}: {module} has rank {rank}, its header config says {spec.rank}")
+        weights = from_peft(spec, modules, where)
     if ours is not None:  # the trained spec (the file may carry it baked in or in ComfyUI's alphas)
         if ours.kind != weights.spec.kind:
             raise UserError(f"{where}: its header says {ours.name}, its tensors are a {weights.spec.name}")
