@@ -414,7 +414,7 @@ def from_peft(spec: AdapterSpec, modules: Mapping[str, Mapping[str, torch.Tensor
     for module in weights.modules:
         rank = rank_of(spec.kind, weights.parts(module))
         if rank is not None and rank != spec.rank:
-            raise UserError(f"{where}: {module} has rank {rank}, its adapter config says {spec.rank}")
+            raise UserError(f"{where}: {module} has rank {rank}, the adapter config says {spec.rank}")
     return weights
 
 
