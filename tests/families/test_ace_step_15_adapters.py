@@ -135,6 +135,21 @@ def test_a_lokr_loads_through_upstreams_lycoris_path(tiny_turbo, tmp_path):
     network.load_weights(str(file))
     with torch.no_grad():
         assert float((decoder(**inputs)[0] - expected).abs().max()) <= 1e-5
+    # the file upstream's trainer saves: every Linear of the DiT, the untrained ones at LyCORIS's start
+    # (one factor zero), with its lokr_config; read back as the trained adapter alone
+    from acestep_dist.families.ace_step_15.generation import load_lora_into
+    from acestep_dist.families.ace_step_15.lora_formats import read_lora
+
+    upstream_file = tmp_path / "upstream" / "lokr_weights.safetensors"
+    upstream_file.parent.mkdir()
+    network.save_weights(str(upstream_file), torch.float32, {"lokr_config": json.dumps(config)})
+    read = read_lora(upstream_file)
+    assert read.modules == weights.modules and any("left out" in note for note in read.notes)
+    family = _load(tiny_turbo)
+    pipe = family.pipeline()
+    load_lora_into(pipe, family, str(upstream_file))
+    with torch.no_grad():
+        assert float((pipe.transformer(**inputs)[0] - expected).abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ...errors import UserError
-from ..adapters import (PEFT_TYPES, AdapterSpec, AdapterWeights, fit_problem, from_lycoris, from_peft, split_key,
+from ..adapters import (ALPHA, DORA_MAGNITUDE, PEFT_TYPES, AdapterSpec, AdapterWeights, fit_problem, from_lycoris, from_peft, split_key,
                         to_comfyui, to_lycoris)
 from ..common import json_table, safetensors_header
 from .keymap import ATTENTION_RENAMES, _rename, _unrename
@@ -211,9 +211,10 @@ def read_lora(path: str | Path) -> AdapterWeights:
         hint = ours or _upstream_lokr_spec(header, where)
         if kind == "lycoris":
             # upstream's LoKr trainer saves every Linear of the DiT; the ones it did not train change nothing
-            untouched = [m for m, parts in modules.items() if all(
-                float(t.abs().max()) == 0 for name, t in parts.items() if name in ("lokr_w2", "lokr_w2_b", "lokr_w1",
-                                                                                "lokr_w1_a", "hada_w1_a", "lora_B.weight"))]
+            # (LyCORIS starts one factor at zero: a product with an all-zero factor is no change; a
+            # DoRA's magnitude changes the weight even then)
+            untouched = [m for m, parts in modules.items() if DORA_MAGNITUDE not in parts and any(
+                float(t.abs().max()) == 0 for name, t in parts.items() if name != ALPHA)]
             for module in untouched:
                 del modules[module]
             if untouched:
