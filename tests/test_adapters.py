@@ -31,6 +31,31 @@ SPECS = [
 ]
 
 
+# each kind as the family tests put it on a real DiT (LoKr at a rank that splits its larger factor)
+FAMILY_KINDS = {
+    "lora": dict(adapter="lora", lora_rank=4, lora_alpha=8.0, use_rslora=True),
+    "dora": dict(adapter="dora", lora_rank=4, lora_alpha=8.0),
+    "lokr": dict(adapter="lokr", lora_rank=2, lora_alpha=6.0),
+    "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0),
+}
+
+
+def with_random_adapter(model: torch.nn.Module, config, targets) -> dict[str, torch.Tensor]:
+    """``model`` (eval mode) with ``config``'s adapter on ``targets``, its tensors moved off their
+    start as training would; returns peft's state dict of it."""
+    from peft import get_peft_model_state_dict
+
+    from acestep_dist.families.common import adapter_config, adapter_parameters
+
+    torch.manual_seed(1)
+    model.add_adapter(adapter_config(config, targets), adapter_name="default")
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+
+
 class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()

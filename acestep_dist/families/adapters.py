@@ -236,22 +236,11 @@ class AdapterWeights:
         reader that assumes scale 1 (or takes alpha from a header) applies it."""
         return self.rescaled(float(self.spec.rank), False, strength)
 
-    def renamed(self, rename) -> "AdapterWeights":
-        """The same adapter with each module path passed through ``rename``."""
-        state = {}
-        for key, value in self.state.items():
-            module, part = split_key(key)
-            state[f"{rename(module)}.{part}"] = value
-        return AdapterWeights(self.spec, state, self.targets, list(self.notes))
-
 
 def _parts_problem(kind: str, parts: Mapping[str, torch.Tensor]) -> str | None:
     names = set(parts)
-    if kind in ("lora", "dora"):
-        needed = set(PARTS[kind])
-    elif kind == "loha":
-        needed = set(LOHA_PARTS)
-    else:
+    needed = set(PARTS[kind])
+    if kind == "lokr":  # each factor whole or split in two
         needed = {"lokr_w1"} if "lokr_w1" in names else {"lokr_w1_a", "lokr_w1_b"}
         needed |= {"lokr_w2"} if "lokr_w2" in names else {"lokr_w2_a", "lokr_w2_b"}
     if names != needed:

@@ -16,18 +16,12 @@ import torch
 
 from acestep_dist.config import TrainConfig
 from acestep_dist.families.adapters import ALPHA, AdapterSpec, AdapterWeights, split_key
-from acestep_dist.families.common import adapter_config, adapter_parameters
-from test_adapters import _comfyui_weight
+from test_adapters import FAMILY_KINDS, _comfyui_weight, with_random_adapter
 from test_export import _upstream_named
 
 torch.set_num_threads(1)
 
-KINDS = {
-    "lora": dict(adapter="lora", lora_rank=4, lora_alpha=8.0, use_rslora=True),
-    "dora": dict(adapter="dora", lora_rank=4, lora_alpha=8.0),
-    "lokr": dict(adapter="lokr", lora_rank=2, lora_alpha=6.0),
-    "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0),
-}
+KINDS = FAMILY_KINDS
 PRESET = "attention+mlp"
 
 
@@ -48,20 +42,12 @@ def _inputs(transformer) -> dict:
 
 
 def _trained(model, kind: str):
-    from peft import get_peft_model_state_dict
-
     from acestep_dist.families.ace_step_15.lora_formats import targets_of
     from acestep_dist.families.ace_step_15.options import lora_targets
 
     config = TrainConfig(**KINDS[kind], lora_preset=PRESET)
     transformer = _load(model).components.transformer
-    torch.manual_seed(1)
-    transformer.add_adapter(adapter_config(config, lora_targets(PRESET)), adapter_name="default")
-    with torch.no_grad():
-        for p in adapter_parameters(transformer):
-            p.add_(torch.randn_like(p) * 0.05)
-    transformer.eval()
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name="default").items()}
+    state = with_random_adapter(transformer, config, lora_targets(PRESET))
     return transformer, AdapterWeights(AdapterSpec.from_config(config), state, targets_of(lora_targets(PRESET)))
 
 

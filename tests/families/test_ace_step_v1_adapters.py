@@ -14,19 +14,13 @@ from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.families import get as get_family
 from acestep_dist.families.adapters import ALPHA, AdapterSpec, AdapterWeights, split_key
-from acestep_dist.families.common import adapter_config, adapter_parameters
-from test_adapters import _comfyui_weight
+from test_adapters import FAMILY_KINDS, _comfyui_weight, with_random_adapter
 
 torch.set_num_threads(1)
 
 FAMILY = get_family("ace-step-v1")
 PRESET = "upstream"  # speaker embedder, lyric encoder and DiT attention: every kind of layer v1 adapts
-KINDS = {
-    "lora": dict(adapter="lora", lora_rank=4, lora_alpha=8.0, use_rslora=True),
-    "dora": dict(adapter="dora", lora_rank=4, lora_alpha=8.0),
-    "lokr": dict(adapter="lokr", lora_rank=2, lora_alpha=6.0),
-    "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0),
-}
+KINDS = FAMILY_KINDS
 # ComfyUI's part names per kind (comfy/weight_adapter/{lora,lokr,loha}.py)
 COMFY_PARTS = {"lora": {"lora_A.weight", "lora_B.weight", ALPHA},
                "dora": {"lora_A.weight", "lora_B.weight", "dora_scale", ALPHA},
@@ -58,17 +52,10 @@ def _trained(transformer_dir, kind: str):
     """The DiT with a ``kind`` adapter of random (trained-like) tensors, its weights as a run saves them."""
     from acestep_dist.families.ace_step_v1.options import lora_targets
     from acestep_dist.families.ace_step_v1.lora_formats import targets_of
-    from peft import get_peft_model_state_dict
 
     config = TrainConfig(**KINDS[kind], lora_preset=PRESET)
     model = _base(transformer_dir)
-    torch.manual_seed(1)
-    model.add_adapter(adapter_config(config, lora_targets(PRESET)), adapter_name="default")
-    with torch.no_grad():
-        for p in adapter_parameters(model):
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+    state = with_random_adapter(model, config, lora_targets(PRESET))
     weights = AdapterWeights(AdapterSpec.from_config(config), state)
     weights.targets = targets_of(weights.modules)
     return config, model, weights
