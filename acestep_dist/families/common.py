@@ -27,6 +27,16 @@ def is_adapter_key(name: str) -> bool:
     return any(marker in name for marker in ADAPTER_MARKERS)
 
 
+def adapter_state(module, adapter_name: str) -> dict:
+    """peft's state dict of ``module``'s adapter ``adapter_name``: float32 CPU copies (call under
+    ZeRO-3 parameter gathering)."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).clone()
+            for k, v in get_peft_model_state_dict(module, adapter_name=adapter_name).items() if is_adapter_key("." + k)}
+
+
 def adapter_parameters(module) -> list:
     """The parameters peft added to ``module`` for its adapters."""
     return [p for name, p in module.named_parameters() if is_adapter_key(name)]

@@ -15,7 +15,7 @@ from ...errors import UserError
 from ...flow import TrainingRecipe, sampler_parameter_problem
 from ..base import RenderRequest, Trainable
 from ..adapters import AdapterSpec, AdapterWeights, check_init_adapter
-from ..common import adapter_config, adapter_parameters, is_adapter_key
+from ..common import adapter_config, adapter_parameters, adapter_state
 from .attention import install_padding_masks
 from .family import AceStep15, TrainingBatch
 from .lora_formats import check_fits, read_lora, targets_of, write_diffusers
@@ -154,12 +154,7 @@ class AceStep15Trainable(Trainable):
 
     def lora_weights(self) -> AdapterWeights:
         """The adapter as it stands (call under ZeRO-3 parameter gathering)."""
-        from peft import get_peft_model_state_dict
-
-        transformer = self.family.components.transformer
-        state = {k: v.detach().to("cpu", torch.float32).clone()
-                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()
-                 if is_adapter_key("." + k)}
+        state = adapter_state(self.family.components.transformer, ADAPTER_NAME)
         return AdapterWeights(AdapterSpec.from_config(self.config), state, targets_of(self.targets))
 
     def save(self, folder: Path) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 
 from ...errors import UserError
 from ..base import RenderRequest, Trainable
-from ..common import adapter_config, adapter_parameters, is_adapter_key
+from ..common import adapter_config, adapter_parameters, adapter_state, is_adapter_key
 from .lora_formats import LYRIC_ENCODER_FILE  # lyric embedding + Conformer + projection, when trained
 from .model import V1Batch, V1Operations, training_schedule
 from .options import TrainOptions, lora_targets
@@ -257,15 +257,10 @@ class V1Trainable(Trainable):
 
     def lora_weights(self):
         """The adapter as it stands (call under ZeRO-3 parameter gathering)."""
-        from peft import get_peft_model_state_dict
-
         from ..adapters import AdapterSpec, AdapterWeights
         from .lora_formats import targets_of
 
-        transformer = self.operations.components.transformer
-        state = {k: v.detach().to("cpu", torch.float32).clone()
-                 for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()
-                 if is_adapter_key("." + k)}
+        state = adapter_state(self.operations.components.transformer, ADAPTER_NAME)
         weights = AdapterWeights(AdapterSpec.from_config(self.config), state)
         weights.targets = targets_of(weights.modules)
         return weights
