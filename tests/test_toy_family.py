@@ -224,6 +224,12 @@ def test_training_toy_shards_with_an_ace_step_model_names_both_families(chain, p
 
 
 @pytest.mark.slow
+def test_an_adapter_kind_the_family_does_not_train_is_refused_before_training(chain):
+    line = refused(acedist(chain["work"], "train", "--data", "S", "--model", "M", "--output", "R3", "adapter=dora"))
+    assert "adapter 'dora'" in line and "trains lora adapters" in line and not (chain["work"] / "R3").exists()
+
+
+@pytest.mark.slow
 def test_one_prep_output_holds_one_family(chain, prep_model):
     before = {p.name: p.read_bytes() for p in chain["shards"].iterdir() if p.is_file()}
     line = refused(acedist(chain["work"], "prep", "clips", "--model", str(prep_model), "--out", "S"))

@@ -11,6 +11,7 @@ import torch
 
 from acestep_dist import faults
 from acestep_dist.config import TrainConfig
+from acestep_dist.errors import UserError
 from acestep_dist.export import export
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
 from conftest import TRAIN_COMMON
@@ -46,6 +47,9 @@ def test_an_adapter_kind_trains_and_exports(kind, tmp_path, train_shards, prep_m
     if kind == "lokr":  # the richest state (split factors, module dropout draws); the others' is plain tensors
         _killed_worker_resumes_exactly(config, trained, tmp_path, train_shards, prep_model, monkeypatch)
 
+    if kind == "loha":  # a format whose consumers cannot build the kind is refused, naming those that can
+        with pytest.raises(UserError, match="LoHa exports as peft, comfyui; not diffusers"):
+            export(whole, tmp_path / "refused", "diffusers", log=lambda _: None)
     written = export(whole, tmp_path / "export", "all", log=lambda _: None)
     assert {p.relative_to(tmp_path / "export").parts[0] for p in written} == set(
         {"dora": ("diffusers", "peft", "comfyui"), "lokr": ("peft", "comfyui", "lycoris"),
