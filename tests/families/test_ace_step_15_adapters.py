@@ -168,3 +168,15 @@ def test_the_comfyui_file_has_comfyuis_keys_and_arithmetic(kind, tiny_turbo, tmp
             continue
         merged_weight = merged.get_submodule(module).base_layer.weight.detach()
         assert float((_comfyui_weight(base_weight, parts) - merged_weight).abs().max()) <= 1e-5, module
+
+
+def test_a_lokr_factor_lycoris_orders_the_other_way_is_refused_before_writing(tmp_path):
+    from acestep_dist.errors import UserError
+    from acestep_dist.families.ace_step_15.lora_formats import write_lycoris
+
+    # a 16-wide layer split by factor 8 gives (8, 2) in peft; LyCORIS would build (2, 8)
+    weights = AdapterWeights(AdapterSpec("lokr", 2, 2.0, decompose_factor=8),
+                             {"layers.0.self_attn.to_q.lokr_w1": torch.ones(8, 8), "layers.0.self_attn.to_q.lokr_w2": torch.ones(2, 2)})
+    with pytest.raises(UserError, match="lokr_factor 8 splits width 16 as 8 x 2"):
+        write_lycoris(weights, tmp_path / "lycoris")
+    assert not (tmp_path / "lycoris").exists()
