@@ -88,6 +88,8 @@ class ShardMarker:
     plan: str = ""  # hash of the records planned into this shard
     family: str | None = None  # None: written before families were recorded (ACE-Step 1.5, schema 1)
     schema_version: int | None = None
+    # optional tensor -> identity of the model part that computed it (Family.feature_sources)
+    feature_sources: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(vars(self), indent=1, ensure_ascii=False) + "\n"
@@ -131,7 +133,8 @@ class _HashingWriter(io.RawIOBase):
 
 
 def write_shard(fs, root: str, index: int, samples: list[EncodedSample], rejected: list[dict], warnings: list[dict],
-                fingerprint: str, plan: str, schema: "SampleSchema") -> ShardMarker:
+                fingerprint: str, plan: str, schema: "SampleSchema",
+                feature_sources: dict[str, str] | None = None) -> ShardMarker:
     """Write shard ``index`` and then its marker, each by temporary file and rename."""
     import webdataset as wds
 
@@ -146,7 +149,7 @@ def write_shard(fs, root: str, index: int, samples: list[EncodedSample], rejecte
     fs.mv(temporary, final)
     marker = ShardMarker(index, hashing.sha.hexdigest(), hashing.size,
                          [s.summary(shard_name(index), schema) for s in samples], rejected, warnings, fingerprint, plan,
-                         schema.family, schema.version)
+                         schema.family, schema.version, dict(feature_sources or {}))
     marker_path = f"{root}/{marker_name(index)}"
     with fs.open(marker_path + ".tmp", "w") as f:
         f.write(marker.to_json())

@@ -51,10 +51,13 @@ class PrepResult:
     exit_code: int
 
 
-def _fingerprint(family: Family, description: ModelDescription, config: PrepConfig, options) -> str:
+def _fingerprint(family: Family, description: ModelDescription, config: PrepConfig, options,
+                 feature_sources: dict[str, str]) -> str:
     settings = {k: v for k, v in config.model_dump().items() if k not in _RUNTIME_KEYS}
     blob = json.dumps({"format": FORMAT_VERSION, **family.schema.identity(), "model": description.fingerprint,
-                       "config": settings, "family_options": options.model_dump()}, sort_keys=True)
+                       "config": settings, "family_options": options.model_dump(),
+                       # parts beyond the fingerprinted encoders that computed optional tensors
+                       **({"feature_sources": feature_sources} if feature_sources else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -230,7 +233,8 @@ def run_prep(
         output.check_ownership(overwrite)  # before anything is written there
         family, description = open_model(model)
         options = family.options(config)
-        fingerprint = _fingerprint(family, description, config, options)
+        feature_sources = family.feature_sources(description, options)
+        fingerprint = _fingerprint(family, description, config, options, feature_sources)
         output.check_family(family.schema.identity(), overwrite)
         output.check_fingerprint(fingerprint, overwrite)
         if isinstance(source, SourceListing):
@@ -241,7 +245,7 @@ def run_prep(
         # only now, with the source readable, is earlier output of another fingerprint removed
         output.start(fingerprint, overwrite, {"model": model, "source": described, "config": config.model_dump(),
                                               **family.schema.identity()})
-        job = _Job(family, description, model, options.model_dump(), fingerprint, config)
+        job = _Job(family, description, model, options.model_dump(), fingerprint, config, feature_sources)
         return _prepare(listing, fs, root, out, output, job, address, started, log)
 
 
@@ -255,6 +259,7 @@ class _Job:
     options: dict  # the family's own settings, validated
     fingerprint: str
     config: PrepConfig
+    feature_sources: dict[str, str]  # recorded in every shard marker
 
     @property
     def model_ref(self) -> str:
@@ -361,7 +366,8 @@ def _write_shard_from_rows(fs, root, index: int, rows: list[dict], records: list
                            markers: dict[int, ShardMarker], job: _Job, log) -> None:
     faults.point("prep.before_shard", shards_written=len(markers))
     samples, rejected, warnings = _shard_contents(records, rows)
-    marker = write_shard(fs, root, index, samples, rejected, warnings, job.fingerprint, plan, job.family.schema)
+    marker = write_shard(fs, root, index, samples, rejected, warnings, job.fingerprint, plan, job.family.schema,
+                         job.feature_sources)
     markers[index] = marker
     log(f"prep: wrote {shard_name(index)} ({len(samples)} samples, {marker.bytes / 1e6:.1f} MB)")
 

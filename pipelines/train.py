@@ -164,11 +164,11 @@ def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, no
     options = family.options(config)
     if config.model_type == "lora" and config.adapter not in family.adapters:
         raise UserError(f"adapter {config.adapter!r}: {family.title} trains {', '.join(family.adapters)} adapters")
-    recipe = family.check_training(description, config, options)
     training = open_training_data(data)
     if training.family != family.name:
         raise UserError(f"{data} holds samples of the model family {training.family}, the model is {family.name}; "
                         f"prepare the data with this model (acedist prep --model {model})")
+    recipe = family.check_training(description, config, options, training.stored)
     verify_training_shards(data, training, log=log)
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     plan = EpochPlan(training.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)

@@ -209,7 +209,7 @@ class ToyModel(FamilyModel):
         prompt, prompt_mask = _pad([s["prompt_states"].float() for s in samples])
         return ToyBatch(latent, frame_mask, prompt, prompt_mask)
 
-    def trainable(self, config, options: ToyTrainOptions) -> "ToyTrainable":
+    def trainable(self, config, options: ToyTrainOptions, stored=None) -> "ToyTrainable":
         return ToyTrainable(self, config, options)
 
     # ---------------------------------------------------------------------- sampling
@@ -409,7 +409,7 @@ class ToyFamily(Family):
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         return out
 
-    def check_training(self, description: ModelDescription, config, options: ToyTrainOptions) -> str:
+    def check_training(self, description: ModelDescription, config, options: ToyTrainOptions, stored=None) -> str:
         if config.model_type == "lora" and config.lora_preset not in LORA_PRESETS:
             raise UserError(f"lora_preset {config.lora_preset!r} is not one of {NAME}'s: {', '.join(LORA_PRESETS)}")
         if config.init_lora:

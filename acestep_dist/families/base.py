@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -57,11 +57,23 @@ class TensorSpec:
     per_caption: bool = False  # an alternative caption stores its own copy: alt_<name>_<i>
     same_shape_as: str | None = None  # e.g. a posterior's std has its mean's shape
     optional: bool = False  # may be absent: present exactly when the sample's lengths have its count
+    # other dtypes a sample may store it in (a prep option chooses, e.g. float32 for a lossless cache)
+    also_stored_as: tuple[str, ...] = ()
 
     def torch_dtype(self):
         import torch
 
         return getattr(torch, self.dtype)
+
+    def stored(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """``tensor`` as a sample stores it: in its own dtype when that is one this spec allows, else in ``dtype``."""
+        keep = tensor.dtype in self.allowed_dtypes()
+        return tensor.detach().to("cpu", tensor.dtype if keep else self.torch_dtype()).contiguous()
+
+    def allowed_dtypes(self) -> tuple:
+        import torch
+
+        return tuple(getattr(torch, name) for name in (self.dtype, *self.also_stored_as))
 
 
 def alt_name(name: str, index: int) -> str:
@@ -147,10 +159,10 @@ class SampleSchema:
         for spec in self.tensors:
             if spec.name not in tensors:  # an optional tensor this sample lacks
                 continue
-            blob[spec.name] = tensors[spec.name].detach().to("cpu", spec.torch_dtype()).contiguous()
+            blob[spec.name] = spec.stored(tensors[spec.name])
             if spec.per_caption:
                 for index, alternative in enumerate(alternatives):
-                    blob[alt_name(spec.name, index)] = alternative[spec.name].detach().to("cpu", spec.torch_dtype()).contiguous()
+                    blob[alt_name(spec.name, index)] = spec.stored(alternative[spec.name])
         return save_safetensors(blob)
 
     def problems(self, tensors: dict[str, "torch.Tensor"], lengths: dict[str, Any]) -> list[str]:
@@ -161,9 +173,9 @@ class SampleSchema:
             tensor = tensors.get(name)
             if tensor is None:
                 found.append(f"lacks tensor {name}")
-            elif tensor.dim() <= spec.axis or tensor.shape[spec.axis] != length or tensor.dtype != spec.torch_dtype():
+            elif tensor.dim() <= spec.axis or tensor.shape[spec.axis] != length or tensor.dtype not in spec.allowed_dtypes():
                 found.append(f"{name} is {list(tensor.shape)} {tensor.dtype}, the manifest says {length} along axis "
-                             f"{spec.axis} of {spec.dtype}")
+                             f"{spec.axis} of {' or '.join((spec.dtype, *spec.also_stored_as))}")
             elif spec.same_shape_as and spec.same_shape_as in tensors and tensors[spec.same_shape_as].shape != tensor.shape:
                 found.append(f"{name} and {spec.same_shape_as} shapes differ")
         uncounted = {spec.name: spec.length for spec in self.tensors
@@ -277,7 +289,10 @@ class FamilyModel(ABC):
         """Schema tensors of B samples -> the batch ``Trainable.module`` takes (with ``.to(device)``)."""
         raise NotImplementedError
 
-    def trainable(self, config, options: FamilyOptions) -> Trainable:
+    def trainable(self, config, options: FamilyOptions, stored: Mapping[str, str] | None = None) -> Trainable:
+        """What trains. ``stored``: the optional schema tensors every training sample holds, each
+        with what prep recorded about the part that computed it (``Family.feature_sources``); a
+        family may use them instead of running that part (and so never load it)."""
         raise NotImplementedError(f"{self.description.family} was loaded without its training parts")
 
     def generate(self, request: RenderRequest, lora: str | None = None, lora_scale: float = 1.0,
@@ -328,10 +343,18 @@ class Family(ABC):
     def write_tiny(self, out: Path, variant: str, seed: int = 0, **options: Any) -> Path:
         """A random-weight checkpoint of the real architecture, small enough for tests and demos."""
 
-    def check_training(self, description: ModelDescription, config, options: FamilyOptions) -> str:
+    def check_training(self, description: ModelDescription, config, options: FamilyOptions,
+                       stored: Mapping[str, str] | None = None) -> str:
         """On the driver before any worker starts: refuse settings that cannot train this model
-        (``UserError``); return a one-line description of the recipe."""
+        (``UserError``), also with the data's ``stored`` optional tensors (see ``FamilyModel.trainable``);
+        return a one-line description of the recipe."""
         return ""
+
+    def feature_sources(self, description: ModelDescription, options: FamilyOptions) -> dict[str, str]:
+        """For the optional tensors prep computes with the prep ``options``: the identity of the part
+        of this model that computes each (recorded in the shard markers), so training can tell
+        whether a sample's stored tensor is what its model would compute."""
+        return {}
 
     def legacy_weights(self, state: dict[str, Any]) -> list[str]:
         """The weight files of a run state written before states listed them (none: unreadable)."""

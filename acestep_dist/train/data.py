@@ -55,6 +55,9 @@ class TrainingData:
     refs: list[SampleRef]
     schema: SampleSchema
     markers: dict[str, ShardMarker]  # shard file name -> marker
+    # the optional tensors every sample holds -> the identity of the part that computed them
+    # (recorded by prep in the markers; "" when it recorded none)
+    stored: dict[str, str]
 
     @property
     def family(self) -> str:
@@ -148,7 +151,23 @@ def open_training_data(data: str) -> TrainingData:
     if missing:
         raise UserError(f"{len(missing)} samples of the manifest are not in the shards (e.g. {sorted(missing)[0]!r}); "
                         f"run `acedist inspect {data}`")
-    return TrainingData(refs, schema, markers)
+    return TrainingData(refs, schema, markers, _stored_features(schema, manifest.values(), markers, data))
+
+
+def _stored_features(schema: SampleSchema, rows, markers: dict[str, ShardMarker], data: str) -> dict[str, str]:
+    """The optional tensors every sample holds (its manifest row has their count), each with the one
+    identity all shards recorded for the part that computed it."""
+    stored = {}
+    rows = list(rows)
+    for spec in schema.tensors:
+        if not spec.optional or not all(row.get(spec.length) is not None for row in rows):
+            continue
+        sources = {marker.feature_sources.get(spec.name, "") for marker in markers.values()}
+        if len(sources) > 1:
+            raise UserError(f"the shards of {data} hold {spec.name} computed by different models "
+                            f"({', '.join(sorted(s or 'unrecorded' for s in sources))}); prepare them again with one model")
+        stored[spec.name] = sources.pop()
+    return stored
 
 
 def verify_training_shards(data: str, training: TrainingData, log: Callable[[str], None] = print,

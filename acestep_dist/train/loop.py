@@ -169,10 +169,11 @@ def _load_model_and_data(worker: _Worker) -> None:
     job, config = worker.job, worker.config
     family = get(job["family"])
     description = family.describe(job["model"])
+    data = open_training_data(job["data"])
     worker.model = family.load(description, "validate" if worker.validates else "train", dtype=torch.float32,
                                device=str(worker.device))
-    worker.trainable = worker.model.trainable(config, family.train_options.model_validate(job["family_options"]))
-    data = open_training_data(job["data"])
+    worker.trainable = worker.model.trainable(config, family.train_options.model_validate(job["family_options"]),
+                                              data.stored)
     worker.plan = EpochPlan(data.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps,
                             worker.world)
     worker.reader = SampleReader(data.refs, data.schema)

@@ -47,9 +47,12 @@ class TrainingBatch:
     text_mask: torch.Tensor  # [B, Lt] bool
     lyric_ids: torch.Tensor  # [B, Ll] int64
     lyric_mask: torch.Tensor  # [B, Ll] bool
+    # the condition encoder's output stored by prep (cache_condition), when every sample has it
+    condition: torch.Tensor | None = None  # [B, Lc, H]
+    condition_mask: torch.Tensor | None = None  # [B, Lc] bool
 
     def to(self, device) -> "TrainingBatch":
-        return TrainingBatch(**{k: v.to(device) for k, v in vars(self).items()})
+        return TrainingBatch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +128,19 @@ class AceStep15:
         return LatentStats(mean=mean.float().cpu(), std=std.float().cpu())
 
     @torch.no_grad()
+    def encode_condition(self, text_states: Sequence[torch.Tensor], lyric_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, the condition encoder's packed output ``[Lc, H]`` (float32) for its stored text
+        states and lyric ids, each sample alone (nothing padded: the result does not depend on other
+        samples), computed exactly as training computes it in the loop."""
+        conditions = []
+        for text, lyrics in zip(text_states, lyric_ids, strict=True):
+            text = text.to(torch.bfloat16).float()[None]  # as a shard stores and training reads it
+            condition, mask = self.condition(text, torch.ones(text.shape[:2], dtype=torch.bool), lyrics.long()[None],
+                                             torch.ones(1, lyrics.shape[0], dtype=torch.bool))
+            conditions.append(condition[0, : int(mask[0].sum())].float().cpu())
+        return conditions
+
+    @torch.no_grad()
     def encode_text(self, records: Sequence[Record], max_tokens: int = TEXT_MAX_TOKENS) -> list[torch.Tensor]:
         """Per-record Qwen3 ``last_hidden_state`` of its own prompt, without padding: ``[L_i, D]``.
 
@@ -153,16 +169,32 @@ class AceStep15:
         if self.components.tokenizer is not None and self.components.tokenizer.pad_token_id is not None:
             pad_id = self.components.tokenizer.pad_token_id
         lyrics, lyric_mask = _pad_stack([s["lyric_ids"].long() for s in samples], pad_value=pad_id)
-        return TrainingBatch(mean, std, frame_mask, text, text_mask, lyrics, lyric_mask)
+        condition = condition_mask = None
+        if all("condition_states" in s for s in samples):
+            condition, condition_mask = _pad_stack([s["condition_states"].float() for s in samples])
+        return TrainingBatch(mean, std, frame_mask, text, text_mask, lyrics, lyric_mask, condition, condition_mask)
 
     def lyric_embedding(self) -> torch.nn.Module:
         """Qwen3's input embedding table: lyrics go through it only, never the transformer."""
         (text_encoder,) = self._require("text_encoder")
         return text_encoder.get_input_embeddings()
 
+    def null_condition(self) -> torch.Tensor:
+        """The condition encoder's null condition ``[1, 1, H]`` (CFG dropout), from the encoder or, when
+        it was not built (training on cached conditions), as read from its weights."""
+        if self.components.condition_encoder is not None:
+            return self.components.condition_encoder.null_condition_emb
+        if self.components.null_condition is None:
+            raise RuntimeError("this ACE-Step model was loaded without condition_encoder or condition_constants")
+        return self.components.null_condition
+
     def silence_latents(self, frames: int, batch: int) -> torch.Tensor:
-        (condition_encoder,) = self._require("condition_encoder")
-        silence = condition_encoder.silence_latent
+        if self.components.condition_encoder is not None:
+            silence = self.components.condition_encoder.silence_latent
+        elif self.components.silence_latent is not None:
+            silence = self.components.silence_latent
+        else:
+            raise RuntimeError("this ACE-Step model was loaded without condition_encoder or condition_constants")
         if silence.shape[1] < frames:
             silence = silence.repeat(1, -(-frames // silence.shape[1]), 1)
         return silence[:, :frames].expand(batch, -1, -1)
@@ -208,11 +240,12 @@ class AceStep15:
         ``recipe`` is the timestep sampler and CFG dropout (default: the variant's upstream recipe).
         ``null_condition`` stands in for the condition encoder's ``null_condition_emb`` (a trainer
         passes a plain copy: under ZeRO-3 a parameter read outside its module's forward is empty).
+        A batch carrying prep's cached ``condition`` uses it: the condition encoder does not run.
 
         Each sample's draws (t, CFG dropout, posterior eps, noise) come from its own generator over
         its own length, so a sample's loss does not depend on its batch mates.
         """
-        transformer, condition_encoder = self._require("transformer", "condition_encoder")
+        (transformer,) = self._require("transformer")
         device = batch.latent_mean.device
         dtype = next(transformer.parameters()).dtype
         B, T, C = batch.latent_mean.shape
@@ -231,13 +264,17 @@ class AceStep15:
         x0 = batch.latent_mean + batch.latent_std * eps.to(device)
         x_t, target = noise_latents(x0, noise.to(device), t.to(device))
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and condition_encoder.training):
-            condition, condition_mask = self.condition(
-                batch.text_states, batch.text_mask, batch.lyric_ids, batch.lyric_mask, lyric_embedding
-            )
+        if batch.condition is not None:
+            condition, condition_mask = batch.condition, batch.condition_mask
+        else:
+            (condition_encoder,) = self._require("condition_encoder")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and condition_encoder.training):
+                condition, condition_mask = self.condition(
+                    batch.text_states, batch.text_mask, batch.lyric_ids, batch.lyric_mask, lyric_embedding
+                )
         if dropped.any():
             # the null embedding fills every position; identical keys attend the same however many
-            null = condition_encoder.null_condition_emb if null_condition is None else null_condition
+            null = self.null_condition() if null_condition is None else null_condition
             null = null.to(condition.device, condition.dtype).expand_as(condition)
             condition = torch.where(dropped.to(device)[:, None, None], null, condition)
 

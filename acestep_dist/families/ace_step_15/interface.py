@@ -22,21 +22,30 @@ SCHEMA = SampleSchema(NAME, 1, (
     TensorSpec("text_states", "bfloat16", "text_tokens", per_caption=True),
     # token ids of the lyric prompt; the condition encoder embeds them at training time
     TensorSpec("lyric_ids", "int32", "lyric_tokens"),
+    # prep cache_condition=true: the condition encoder's packed output for this caption and the
+    # lyrics [Lc, H] (every token real), so training runs neither it nor the token table
+    TensorSpec("condition_states", "bfloat16", "condition_tokens", per_caption=True, optional=True,
+               also_stored_as=("float32",)),
 ))
+CONDITION = "condition_states"
 # which components each purpose loads
 PURPOSE_PARTS = {
     "encode-audio": ("vae",),
-    "encode-text": ("text_encoder", "tokenizer"),
-    # the text encoder for its token table (lyrics are embedded by it during training)
-    "train": ("transformer", "condition_encoder", "text_encoder", "tokenizer"),
+    "encode-text": ("text_encoder", "tokenizer"),  # + the condition encoder on first use with cache_condition
+    # the DiT; the trainable adds the condition path its data needs (see AceStep15Model.trainable)
+    "train": ("transformer",),
     "validate": ("transformer", "condition_encoder", "text_encoder", "tokenizer", "vae"),
 }
+# what a run computing the condition in the loop adds to "train": the condition encoder, and the
+# text encoder for its token table (lyrics are embedded by it during training)
+IN_LOOP_CONDITION_PARTS = ("condition_encoder", "text_encoder", "tokenizer")
 # ACE-Step 1.5 generates up to 10 minutes: upstream's acestep/constants.py has DURATION_MAX = 600
 # (github.com/ace-step/ACE-Step-1.5), diffusers' AceStepPipeline docs say "from 10 seconds to 10
 # minutes". Upstream's DURATION_MIN = 10 is a quality floor, not a limit of the model: shorter
 # renders work and keep tests and demos quick, so it is not enforced.
 MAX_GENERATE_SECONDS = 600.0
 _TEXT_TOKENS_ESTIMATE = 200  # a caption prompt is ~200 tokens: what shard planning budgets
+_LYRIC_TOKENS_ESTIMATE = 500  # a sung minute's lyric prompt, a few hundred tokens
 
 
 class AceStep15Family(Family):
@@ -76,7 +85,9 @@ class AceStep15Family(Family):
             sample_rate=dims.sample_rate, frames_per_second=dims.frames_per_second,
             fingerprint=model_fingerprint(folder, components.layout),
             dimensions={"latent_dim": dims.latent_dim, "text_dim": dims.text_dim, "hop_length": dims.hop_length,
-                        "dit_hidden": int(components.transformer_config.get("hidden_size", 0))},
+                        "dit_hidden": int(components.transformer_config.get("hidden_size", 0)),
+                        "condition_width": int(components.transformer_config.get("encoder_hidden_size")
+                                               or components.transformer_config.get("hidden_size", 0))},
             details={"timestep_sampler": spec.default_sampler, "timestep_sampler_parameters": repr(spec.timestep_sampler),
                      "cfg_dropout": spec.cfg_dropout, "default_steps": spec.default_steps,
                      "default_guidance": spec.default_guidance, "default_shift": spec.default_shift},
@@ -96,8 +107,12 @@ class AceStep15Family(Family):
 
     def sample_bytes(self, description: ModelDescription, seconds: float, options: PrepOptions | None = None) -> float:
         dims = description.dimensions
-        return (2 * 2 * dims["latent_dim"] * description.frames_per_second * seconds  # mean + std, bf16
-                + 2 * dims["text_dim"] * _TEXT_TOKENS_ESTIMATE)
+        estimate = (2 * 2 * dims["latent_dim"] * description.frames_per_second * seconds  # mean + std, bf16
+                    + 2 * dims["text_dim"] * _TEXT_TOKENS_ESTIMATE)
+        if options is not None and options.cache_condition:  # lyrics + one timbre token + caption, [L, H]
+            width = 4 if options.condition_dtype == "float32" else 2
+            estimate += width * dims["condition_width"] * (_LYRIC_TOKENS_ESTIMATE + 1 + _TEXT_TOKENS_ESTIMATE)
+        return estimate
 
     def write_tiny(self, out: Path, variant: str, seed: int = 0, **options: Any) -> Path:
         from .tiny import write_tiny_checkpoint
@@ -108,12 +123,24 @@ class AceStep15Family(Family):
         return write_tiny_checkpoint(out, variant=self.variant_name(variant), seed=seed, **options)
 
     # ----------------------------------------------------------------------- training
-    def check_training(self, description: ModelDescription, config, options: TrainOptions) -> str:
-        from .loading import load_components
-        from .training import check_training
+    def check_training(self, description: ModelDescription, config, options: TrainOptions, stored=None) -> str:
+        from .loading import condition_fingerprint, load_components
+        from .training import check_cached_condition, check_training
 
         components = load_components(description.source, parts=())
-        return check_training(components.transformer_config, components.variant, config, options).describe()
+        recipe = check_training(components.transformer_config, components.variant, config, options).describe()
+        if CONDITION in (stored or {}):
+            check_cached_condition(options, stored[CONDITION],
+                                   condition_fingerprint(Path(description.source), description.layout))
+            recipe += "; condition cached by prep"
+        return recipe
+
+    def feature_sources(self, description: ModelDescription, options: PrepOptions) -> dict[str, str]:
+        from .loading import condition_fingerprint
+
+        if not options.cache_condition:
+            return {}
+        return {CONDITION: condition_fingerprint(Path(description.source), description.layout)}
 
     def legacy_weights(self, state: dict) -> list[str]:
         from .training import legacy_weights
@@ -158,19 +185,58 @@ class AceStep15Model(FamilyModel):
     def encode_text(self, records, options: PrepOptions):
         states = self.model.encode_text(records, options.text_max_tokens)
         lyric_ids = self.model.tokenize_lyrics(records, options.lyric_max_tokens)
-        return [{"text_states": text, "lyric_ids": lyrics} for text, lyrics in zip(states, lyric_ids, strict=True)]
+        samples = [{"text_states": text, "lyric_ids": lyrics} for text, lyrics in zip(states, lyric_ids, strict=True)]
+        if options.cache_condition:
+            import torch
+
+            self._add_parts(("condition_encoder",))  # once per process (a prep actor)
+            dtype = getattr(torch, options.condition_dtype)
+            for sample, condition in zip(samples, self.model.encode_condition(states, lyric_ids), strict=True):
+                sample[CONDITION] = condition.to(dtype)
+        return samples
+
+    def _add_parts(self, parts) -> None:
+        """Load the parts of ``parts`` this model was loaded without, beside those it has."""
+        import torch
+
+        from .loading import load_components
+
+        components = self.model.components
+        missing = [part for part in parts if getattr(components, part) is None]
+        if not missing:
+            return
+        reference = next((m for m in (components.transformer, components.text_encoder, components.vae) if m is not None), None)
+        dtype, device = (reference.dtype, reference.device) if reference is not None else (torch.float32, "cpu")
+        loaded = load_components(self.description.source, missing, dtype=dtype, device=device)
+        for part in missing:
+            setattr(components, part, getattr(loaded, part))
 
     # ----------------------------------------------------------------------- training
     def collate(self, samples):
         return self.model.collate(samples)
 
-    def trainable(self, config, options: TrainOptions):
+    def trainable(self, config, options: TrainOptions, stored=None):
         from .training import AceStep15Trainable
 
-        trainable = AceStep15Trainable(self.model, config, options)
-        if self.purpose == "train":
+        cached = CONDITION in (stored or {})
+        if cached:
+            if self.model.components.condition_encoder is None:
+                self._add_constants()
+        else:
+            self._add_parts(IN_LOOP_CONDITION_PARTS)
+        trainable = AceStep15Trainable(self.model, config, options, cached_condition=cached)
+        if self.purpose == "train" and not cached:
             self.model.components.text_encoder = None  # only its token table is needed (the module keeps it)
         return trainable
+
+    def _add_constants(self) -> None:
+        from .loading import CONDITION_CONSTANTS, load_components
+
+        components = self.model.components
+        transformer = components.transformer
+        loaded = load_components(self.description.source, (CONDITION_CONSTANTS,), dtype=transformer.dtype,
+                                 device=transformer.device)
+        components.null_condition, components.silence_latent = loaded.null_condition, loaded.silence_latent
 
     # ----------------------------------------------------------------------- sampling
     def generate(self, request: RenderRequest, lora: str | None = None, lora_scale: float = 1.0, log=print):

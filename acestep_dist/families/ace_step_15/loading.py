@@ -25,11 +25,15 @@ from typing import Any, Iterable
 import torch
 
 from ...errors import ModelLoadError
-from .keymap import SILENCE_LATENT_KEY, upstream_configs, upstream_to_diffusers
+from .keymap import NULL_CONDITION_KEY, SILENCE_LATENT_KEY, upstream_configs, upstream_to_diffusers
 from .variants import VariantSpec, detect_variant
 
 ALL_PARTS = ("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer", "audio_tokenizer",
              "audio_token_detokenizer")
+# the two tensors of the condition encoder a run on cached conditions still
+# needs (the null condition for CFG dropout, the silence latent of the context), read from its
+# weight file without building the encoder (the encoder itself holds them too)
+CONDITION_CONSTANTS = "condition_constants"
 # the 5 Hz audio codec: only cover generation needs it, and a checkpoint may lack it
 AUDIO_CODEC_PARTS = ("audio_tokenizer", "audio_token_detokenizer")
 UPSTREAM_TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
@@ -49,6 +53,8 @@ class AceStep15Components:
     audio_tokenizer: Any = None
     audio_token_detokenizer: Any = None
     transformer_config: dict = field(default_factory=dict)
+    null_condition: torch.Tensor | None = None  # [1, 1, H]; "condition_constants", or the encoder's own
+    silence_latent: torch.Tensor | None = None  # [1, T, C]
 
 
 def _is_diffusers_root(path: Path) -> bool:
@@ -142,9 +148,9 @@ def load_components(
 ) -> AceStep15Components:
     follow_hub_progress_switch()
     parts = tuple(parts)
-    unknown = set(parts) - set(ALL_PARTS)
+    unknown = set(parts) - {*ALL_PARTS, CONDITION_CONSTANTS}
     if unknown:
-        raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {ALL_PARTS}")
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {(*ALL_PARTS, CONDITION_CONSTANTS)}")
     folder, layout = resolve_checkpoint(path_or_id, local_files_only=local_files_only)
     if layout == "diffusers":
         components = _load_diffusers(folder, parts, dtype)
@@ -154,7 +160,90 @@ def load_components(
         module = getattr(components, name)
         if module is not None:
             module.to(device).eval().requires_grad_(False)
+    if CONDITION_CONSTANTS in parts:
+        constants = read_condition_tensors(folder, layout, (NULL_CONDITION_KEY, SILENCE_LATENT_KEY))
+        components.null_condition = constants[NULL_CONDITION_KEY].to(device, dtype)
+        components.silence_latent = constants[SILENCE_LATENT_KEY].to(device, dtype)
     return components
+
+
+def _condition_weight_files(folder: Path, layout: str) -> tuple[list[Path], str]:
+    """The safetensors files holding the condition encoder's weights, and the prefix its keys carry."""
+    if layout == "diffusers":
+        root = folder / "condition_encoder"
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{root}: no condition encoder weights (*.safetensors)")
+        return files, ""
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"], "encoder."
+    return sorted({folder / Path(name).name for name in _read_json(index)["weight_map"].values()}), "encoder."
+
+
+def _condition_keys(keys, prefix: str) -> list[str]:
+    """The keys of a weight file that belong to the condition encoder (upstream: ``encoder.*`` and
+    the top-level null condition; diffusers: every key of its own file)."""
+    return sorted(k for k in keys if not prefix or k.startswith(prefix) or k == NULL_CONDITION_KEY)
+
+
+def read_condition_tensors(folder: Path, layout: str, names) -> dict[str, torch.Tensor]:
+    """Single tensors of the condition encoder by their diffusers names, without building it."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    files, _ = _condition_weight_files(folder, layout)
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                if name in f.keys() and name not in found:
+                    found[name] = f.get_tensor(name)
+    if layout == "upstream" and SILENCE_LATENT_KEY in names:
+        silence = _load_silence_latent(folder)
+        if silence is None:  # what the encoder holds then: diffusers' zero placeholder [1, 15000, C]
+            _, condition_config = upstream_configs(_read_json(folder / "config.json"))
+            silence = torch.zeros(1, 15000, int(condition_config["timbre_hidden_dim"]))
+        found[SILENCE_LATENT_KEY] = silence
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ModelLoadError(f"{folder}: the condition encoder's weights lack {', '.join(missing)}")
+    return found
+
+
+def condition_fingerprint(folder: Path, layout: str) -> str:
+    """Identity of the condition encoder's weights: a hash of its config and of every one of its
+    tensors' bytes (names, dtypes, shapes and data), read from the weight files without building it.
+
+    Its content, not file names and sizes: ACE-Step's variants share every shape, and a cached
+    condition is only right for the encoder that computed it. About 1.3 GB is read for the 2B
+    models' encoder (seconds from the page cache)."""
+    import hashlib
+    import struct
+
+    sha = hashlib.sha256()
+    config = folder / ("condition_encoder/config.json" if layout == "diffusers" else "config.json")
+    sha.update(config.read_bytes())
+    files, prefix = _condition_weight_files(folder, layout)
+    for path in files:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+            start = 8 + header_size
+            for key in _condition_keys((k for k in header if k != "__metadata__"), prefix):
+                entry = header[key]
+                begin, end = entry["data_offsets"]
+                sha.update(f"{key}:{entry['dtype']}:{entry['shape']}\n".encode())
+                f.seek(start + begin)
+                remaining = end - begin
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 24))
+                    if not chunk:
+                        raise ModelLoadError(f"{path}: truncated (tensor {key} ends past the file)")
+                    sha.update(chunk)
+                    remaining -= len(chunk)
+    if layout == "upstream" and (folder / "silence_latent.pt").is_file():
+        sha.update((folder / "silence_latent.pt").read_bytes())
+    return sha.hexdigest()[:16]
 
 
 def follow_hub_progress_switch() -> None:
@@ -214,16 +303,24 @@ def _load_diffusers(root: Path, parts, dtype) -> AceStep15Components:
     return components
 
 
-def _load_upstream_state_dict(variant_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_upstream_state_dict(variant_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of the upstream weight file(s) whose keys start with one of ``prefixes`` (the
+    parts asked for only: the DiT and the condition encoder share one file)."""
+    from safetensors import safe_open
 
     single = variant_dir / "model.safetensors"
     if single.is_file():
-        return load_file(single)
-    index = _read_json(variant_dir / "model.safetensors.index.json")
+        files = [single]
+    else:
+        index = _read_json(variant_dir / "model.safetensors.index.json")
+        # names only: the index cannot point outside the folder
+        files = [variant_dir / Path(shard).name for shard in sorted(set(index["weight_map"].values()))]
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(variant_dir / Path(shard).name))  # name only: the index cannot point outside
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    state[key] = f.get_tensor(key)
     return state
 
 
@@ -260,7 +357,9 @@ def _load_upstream(variant_dir: Path, parts, dtype) -> AceStep15Components:
         transformer_config=dit_config,
     )
     if "transformer" in parts or "condition_encoder" in parts:
-        transformer_sd, condition_sd, _ignored = upstream_to_diffusers(_load_upstream_state_dict(variant_dir))
+        prefixes = (("decoder.",) if "transformer" in parts else ()) + (
+            ("encoder.", NULL_CONDITION_KEY) if "condition_encoder" in parts else ())
+        transformer_sd, condition_sd, _ignored = upstream_to_diffusers(_load_upstream_state_dict(variant_dir, prefixes))
         if "transformer" in parts:
             components.transformer = _instantiate(AceStepTransformer1DModel, dit_config, transformer_sd, dtype, variant_dir)
         if "condition_encoder" in parts:

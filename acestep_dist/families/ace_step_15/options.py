@@ -3,6 +3,8 @@ family; the general keys are in config.py). Plain data, cheap to import."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ..base import FamilyOptions
@@ -29,6 +31,20 @@ def lora_targets(preset: str) -> tuple[str, ...]:
 class PrepOptions(FamilyOptions):
     text_max_tokens: int = Field(256, gt=0, description="the text encoder's limit at inference")
     lyric_max_tokens: int = Field(2048, gt=0)
+    cache_condition: bool = Field(False, description="also store the condition encoder's output, so training "
+                                                     "loads neither it nor the text encoder's token table")
+    cache_condition_dtype: Literal["bfloat16", "float32"] | None = Field(
+        None, description="how the cached condition is stored (default bfloat16; float32 is lossless, twice the bytes)")
+
+    @model_validator(mode="after")
+    def _cache_dtype(self) -> "PrepOptions":
+        if self.cache_condition_dtype is not None and not self.cache_condition:
+            raise ValueError("cache_condition_dtype is set but cache_condition is false")
+        return self
+
+    @property
+    def condition_dtype(self) -> str:
+        return self.cache_condition_dtype or "bfloat16"
 
 
 class TrainOptions(FamilyOptions):

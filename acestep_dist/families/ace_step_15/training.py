@@ -33,19 +33,20 @@ class FlowMatchingModule(torch.nn.Module):
     variant-aware loss. Holds every module the loss runs as a child, so DeepSpeed (ZeRO-3
     included) partitions and hooks them all."""
 
-    def __init__(self, family: AceStep15, recipe: TrainingRecipe):
+    def __init__(self, family: AceStep15, recipe: TrainingRecipe, cached_condition: bool = False):
         super().__init__()
         self.family = [family]  # a list: not a submodule, just a handle
         self.recipe = recipe
         self.transformer = family.components.transformer
-        self.condition_encoder = family.components.condition_encoder
-        self.lyric_embedding = family.lyric_embedding()
+        if not cached_condition:  # on cached conditions neither runs (and neither was loaded)
+            self.condition_encoder = family.components.condition_encoder
+            self.lyric_embedding = family.lyric_embedding()
         # a buffer, not a parameter: ZeRO-3 leaves it whole (the embedding is never trained)
-        self.register_buffer("null_condition", self.condition_encoder.null_condition_emb.detach().clone(),
-                             persistent=False)
+        self.register_buffer("null_condition", family.null_condition().detach().clone(), persistent=False)
 
     def forward(self, batch: TrainingBatch, generators: Sequence[torch.Generator]):
-        return self.family[0].training_loss(batch, generators, self.lyric_embedding, self.null_condition, self.recipe)
+        return self.family[0].training_loss(batch, generators, getattr(self, "lyric_embedding", None),
+                                            self.null_condition, self.recipe)
 
 
 def training_recipe(variant: VariantSpec, config) -> TrainingRecipe:
@@ -67,6 +68,22 @@ def read_init_lora(path: str) -> AdapterWeights:
         raise
     except Exception as error:  # a corrupt file fails inside safetensors or JSON with their own exceptions
         raise UserError(f"init_lora {path} cannot be read as a LoRA: {type(error).__name__}: {error}") from None
+
+
+def check_cached_condition(options: TrainOptions, recorded: str | None, model_condition: str) -> None:
+    """A run may use the data's cached condition only when it would compute that condition itself:
+    the lyric encoder frozen, and the model's condition encoder the one prep ran (``recorded``:
+    its fingerprint in the shard markers; ``model_condition``: this model's)."""
+    if recorded is None:
+        return
+    if options.lyrics_embedder_train:
+        raise UserError("lyrics_embedder_train: the data holds the condition prep computed with the lyric encoder "
+                        "as it was (prep cache_condition=true), which a run that trains the lyric encoder cannot use; "
+                        "prepare the data again without cache_condition, or leave the lyric encoder frozen")
+    if recorded != model_condition:
+        raise UserError(f"the data's cached condition was computed by another condition encoder (fingerprint "
+                        f"{recorded or 'unrecorded'}, this model's is {model_condition}): prepare the data again with "
+                        f"this model, or without cache_condition")
 
 
 def check_training(transformer_config: dict, variant: VariantSpec, config,
@@ -94,15 +111,23 @@ def check_training(transformer_config: dict, variant: VariantSpec, config,
 
 class AceStep15Trainable(Trainable):
     """Freezes everything, then opens what the config trains: LoRA adapters (optionally initialised
-    from ``init_lora``) or the whole DiT, and optionally the lyric encoder with its own rate."""
+    from ``init_lora``) or the whole DiT, and optionally the lyric encoder with its own rate.
 
-    def __init__(self, family: AceStep15, config, options: TrainOptions):
+    ``cached_condition``: the batches carry prep's condition (the driver checked it is this model's
+    and that the lyric encoder stays frozen); the condition encoder and the text encoder's token
+    table then need not be loaded, and are not used if they were."""
+
+    def __init__(self, family: AceStep15, config, options: TrainOptions, cached_condition: bool = False):
         from peft import set_peft_model_state_dict
 
         self.family, self.config, self.options = family, config, options
+        self.cached_condition = cached_condition
+        if cached_condition and options.lyrics_embedder_train:
+            check_cached_condition(options, "", "")  # the driver refuses this; a direct caller is refused alike
         components = family.components
         transformer, condition_encoder = components.transformer, components.condition_encoder
-        for module in (transformer, condition_encoder, family.lyric_embedding()):
+        frozen = (transformer,) if cached_condition else (transformer, condition_encoder, family.lyric_embedding())
+        for module in frozen:
             module.requires_grad_(False)
         self.targets: tuple[str, ...] = ()
         if config.model_type == "lora":
@@ -133,23 +158,24 @@ class AceStep15Trainable(Trainable):
             self.param_groups.append({"params": lyric_params, "lr": options.lyrics_embedder_lr or config.learning_rate,
                                       "name": "lyric_encoder"})
         transformer.train()
-        # dropout and grad tracking in the condition path only when part of it trains
-        condition_encoder.train(options.lyrics_embedder_train)
+        if not cached_condition:  # dropout and grad tracking in the condition path only when part of it trains
+            condition_encoder.train(options.lyrics_embedder_train)
         if config.gradient_checkpointing:  # recomputed blocks need the forward's padding masks
             transformer.enable_gradient_checkpointing(install_padding_masks(transformer).checkpoint)
         if self.trainable_parameters == 0:
             raise UserError("nothing to train: the configuration leaves every parameter frozen")
-        self.module = FlowMatchingModule(family, training_recipe(family.variant, config))
+        self.module = FlowMatchingModule(family, training_recipe(family.variant, config), cached_condition)
 
     @property
     def recipe(self) -> TrainingRecipe:
         return self.module.recipe
 
     def describe(self) -> str:
-        return self.recipe.describe()
+        condition = "; condition cached by prep (condition encoder not loaded)" if self.cached_condition else ""
+        return self.recipe.describe() + condition
 
     def state(self) -> dict:
-        return {"variant": self.family.variant.name,
+        return {"variant": self.family.variant.name, "cached_condition": self.cached_condition,
                 "recipe": {"timestep_sampler": self.recipe.sampler_name, "cfg_dropout": self.recipe.cfg_dropout}}
 
     def lora_weights(self) -> AdapterWeights:

@@ -121,7 +121,7 @@ class AceStepV1Family(Family):
         return options
 
     # ----------------------------------------------------------------------- training
-    def check_training(self, description: ModelDescription, config, options: TrainOptions) -> str:
+    def check_training(self, description: ModelDescription, config, options: TrainOptions, stored=None) -> str:
         from .loading import read_json, TRANSFORMER_DIR
         from .training import check_training
 
@@ -192,7 +192,7 @@ class AceStepV1Model(FamilyModel):
     def collate(self, samples):
         return self.operations.collate(samples)
 
-    def trainable(self, config, options: TrainOptions):
+    def trainable(self, config, options: TrainOptions, stored=None):
         from .training import V1Trainable
 
         return V1Trainable(self.operations, config, options)
