@@ -373,7 +373,9 @@ def _gist_words(gist: str) -> list[str]:
     return [word for word in words if len(word) > 1 and not re.fullmatch(r"[\d.]+", word)]
 
 
-def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, prep_model, ray_session):
+def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, prep_model):
+    """Through the command line and its own embedded cluster: each file as EXPECTED.md says (rejected
+    or warned with the reason it gives), the good files beside them kept, exit status 3 (partial)."""
     expected = _expected((corpus / "broken" / "EXPECTED.md").read_text(encoding="utf-8"))
     source = tmp_path / "songs"
     source.mkdir()
@@ -388,9 +390,14 @@ def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, pre
     max_duration = max([8.0] + [float(np.ceil(probe_audio(path).duration)) for path in accept])
 
     out = tmp_path / "out"
-    result = run_prep(str(source), str(prep_model), str(out), PrepConfig(max_duration=max_duration), log=lambda _: None)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-m", "acestep_dist.cli", "prep", str(source), "--model", str(prep_model),
+                             "--out", str(out), f"max_duration={max_duration}"],
+                            capture_output=True, text=True, env=env, timeout=600)
 
-    assert result.exit_code == EXIT_PARTIAL
+    assert result.returncode == EXIT_PARTIAL, result.stderr[-3000:]
+    assert "summary" in result.stdout and "rejected" in result.stdout
     errors = {Path(e["input"]).name: e["reason"] for e in _lines(out / "errors.jsonl")}
     warnings: dict[str, list[str]] = {}
     for w in _lines(out / "warnings.jsonl"):
