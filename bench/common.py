@@ -17,7 +17,7 @@ ACE15 = get_family("ace-step-1.5")
 REAL_LATENT_DIM, REAL_TEXT_DIM, FRAMES_PER_SECOND = 64, 1024, 25
 
 
-def pack_tensors(latent_mean, latent_std, text_states, lyric_ids) -> bytes:
-    """An ACE-Step 1.5 sample blob, as its schema packs it."""
+def pack_tensors(latent_mean, latent_std, text_states, lyric_ids, **optional) -> bytes:
+    """An ACE-Step 1.5 sample blob, as its schema packs it (``optional``: e.g. condition_states)."""
     return ACE15.schema.pack({"latent_mean": latent_mean, "latent_std": latent_std, "text_states": text_states,
-                              "lyric_ids": lyric_ids})
+                              "lyric_ids": lyric_ids, **optional})

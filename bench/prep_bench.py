@@ -104,14 +104,26 @@ def shard_bytes() -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as out:
         fs = fsspec.filesystem("file")
+        index = 0
         for text_tokens, lyric_tokens in ((100, 300), (256, 2048)):
-            blob = pack_tensors(torch.randn(frames, REAL_LATENT_DIM), torch.rand(frames, REAL_LATENT_DIM),
-                                torch.randn(text_tokens, REAL_TEXT_DIM), torch.randint(0, 151643, (lyric_tokens,)))
-            meta = {"caption": "x" * 120, "lyrics": "y" * 1500, "duration": 60.0, "frames": frames,
-                    "text_tokens": text_tokens, "lyric_tokens": lyric_tokens, "source": "/data/songs/a.flac",
-                    "offset": 0.0, "sha256": "0" * 64}
-            marker = write_shard(fs, out, text_tokens, [EncodedSample("a", meta, blob)] * 10, [], [], "b", "b", ACE15.schema)
-            results[f"text {text_tokens} + lyrics {lyric_tokens} tokens"] = round(marker.bytes / 10 / 1e6, 3)
+            # prep cache_condition=true adds the condition encoder's output: lyrics + 1 timbre + caption
+            # tokens x the 2B model's condition width (2048), bf16 (default) or float32
+            for cache in (None, "bfloat16", "float32"):
+                condition_tokens = lyric_tokens + 1 + text_tokens
+                extra = {} if cache is None else {
+                    "condition_states": torch.randn(condition_tokens, 2048).to(getattr(torch, cache))}
+                blob = pack_tensors(torch.randn(frames, REAL_LATENT_DIM), torch.rand(frames, REAL_LATENT_DIM),
+                                    torch.randn(text_tokens, REAL_TEXT_DIM), torch.randint(0, 151643, (lyric_tokens,)),
+                                    **extra)
+                meta = {"caption": "x" * 120, "lyrics": "y" * 1500, "duration": 60.0, "frames": frames,
+                        "text_tokens": text_tokens, "lyric_tokens": lyric_tokens, "source": "/data/songs/a.flac",
+                        "offset": 0.0, "sha256": "0" * 64,
+                        **({} if cache is None else {"condition_tokens": condition_tokens})}
+                marker = write_shard(fs, out, index, [EncodedSample("a", meta, blob)] * 10, [], [], "b", "b",
+                                     ACE15.schema)
+                index += 1
+                label = f"text {text_tokens} + lyrics {lyric_tokens} tokens" + (f", condition cached {cache}" if cache else "")
+                results[label] = round(marker.bytes / 10 / 1e6, 3)
     return {"mb_per_60s_clip": results}
 
 

@@ -3,6 +3,8 @@ measured against a baseline in the same run.
 
     python bench/train_bench.py step-time    # acedist train (1 worker, ZeRO-2) vs a bare PyTorch loop
     python bench/train_bench.py loader       # samples/s one worker reads from shards at the real dimensions
+    python bench/train_bench.py cached-condition  # LoRA step time, condition cached by prep vs in the loop,
+                                                  # at the real 2B DiT / condition encoder sizes
 """
 
 from __future__ import annotations
@@ -109,11 +111,83 @@ def loader(samples: int = 256, clip_seconds: float = 60.0, batch: int = 8) -> di
             "mb_per_sample": round(refs[0].tensor_size / 1e6, 3)}
 
 
+class _TokenTable(torch.nn.Module):
+    """What training keeps of the text encoder: its token table (Qwen3-0.6B's 151669 x 1024)."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(vocab, width)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+
+def cached_condition(clip_seconds: float = 30.0, lyric_tokens: int = 300, text_tokens: int = 100,
+                     steps: int = 2, threads: int = 2) -> dict:
+    """Seconds per LoRA optimizer step (batch 1, forward + backward + AdamW) with the condition
+    computed in the loop (condition encoder + token table, frozen, forward only) vs read from the
+    sample (prep cache_condition), on the real ACE-Step 1.5 2B sizes with random weights in float32
+    on CPU. One process, one DiT with its adapter shared by both, the two modes alternating step by
+    step so machine noise falls on both alike."""
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+    from diffusers.pipelines.ace_step import AceStepConditionEncoder
+
+    from acestep_dist.families.ace_step_15 import AceStep15
+    from acestep_dist.families.ace_step_15.loading import AceStep15Components
+    from acestep_dist.families.ace_step_15.training import AceStep15Trainable, FlowMatchingModule
+    from acestep_dist.families.ace_step_15.variants import variant_spec
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    transformer = AceStepTransformer1DModel()  # diffusers' defaults are the 2B turbo DiT
+    condition_encoder = AceStepConditionEncoder()  # and its condition encoder
+    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
+                                     condition_encoder=condition_encoder,
+                                     text_encoder=_TokenTable(151669, REAL_TEXT_DIM),
+                                     transformer_config=dict(transformer.config))
+    family = AceStep15(components)
+    config = TrainConfig(lr_warmup_steps=0)
+    in_loop = AceStep15Trainable(family, config, ACE15.train_options())
+    cached = FlowMatchingModule(family, in_loop.recipe, cached_condition=True)  # the same DiT and adapter
+    frames = int(clip_seconds * FRAMES_PER_SECOND)
+    sample = {"latent_mean": torch.randn(frames, REAL_LATENT_DIM), "latent_std": torch.rand(frames, REAL_LATENT_DIM),
+              "text_states": torch.randn(text_tokens, REAL_TEXT_DIM).to(torch.bfloat16),
+              "lyric_ids": torch.randint(0, 151643, (lyric_tokens,), dtype=torch.int32)}
+    sample["condition_states"] = family.encode_condition([sample["text_states"]], [sample["lyric_ids"]])[0].to(torch.bfloat16)
+    batches = {"in_loop": family.collate([{k: v for k, v in sample.items() if k != "condition_states"}]),
+               "cached": family.collate([sample])}
+    modules = {"in_loop": in_loop.module, "cached": cached}
+    parameters = [p for group in in_loop.param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    times: dict[str, list[float]] = {"in_loop": [], "cached": []}
+    for step in range(steps + 1):  # the first round warms up both
+        for mode in ("in_loop", "cached") if step % 2 == 0 else ("cached", "in_loop"):
+            start = time.perf_counter()
+            loss, _, _ = modules[mode](batches[mode], [torch.Generator().manual_seed(step)])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step:
+                times[mode].append(time.perf_counter() - start)
+    not_loaded = sum(p.numel() for p in condition_encoder.parameters()) + 151669 * REAL_TEXT_DIM
+    in_loop_s, cached_s = statistics.median(times["in_loop"]), statistics.median(times["cached"])
+    return {"clip_seconds": clip_seconds, "lyric_tokens": lyric_tokens, "text_tokens": text_tokens,
+            "condition_tokens": int(sample["condition_states"].shape[0]), "threads": threads,
+            "in_loop_s_per_step": round(in_loop_s, 2), "cached_s_per_step": round(cached_s, 2),
+            "speedup": round(in_loop_s / cached_s, 3),
+            "weights_not_loaded_gb_bf16": round(2 * not_loaded / 1e9, 2),
+            "condition_mb_per_sample_bf16": round(2 * sample["condition_states"].numel() / 1e6, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["step-time", "loader"])
+    parser.add_argument("which", choices=["step-time", "loader", "cached-condition"])
+    parser.add_argument("--clip-seconds", type=float, default=None)
     args = parser.parse_args()
-    runners = {"step-time": step_time, "loader": loader}
+    runners = {"step-time": step_time, "loader": loader, "cached-condition": cached_condition}
+    if args.clip_seconds is not None:
+        print(json.dumps({args.which: runners[args.which](clip_seconds=args.clip_seconds)}, indent=1))
+        return
     print(json.dumps({args.which: runners[args.which]()}, indent=1))
 
 
