@@ -229,14 +229,15 @@ def convert(source, out, audio_root, dedupe, allow_outside_paths, caption_fields
               help="what the run's family writes (`acedist model list`); ACE-Step 1.5 LoRA: diffusers file, "
                    "upstream PEFT folder, ComfyUI file; full fine-tunes: diffusers pipeline, upstream files")
 @click.option("--name", help="file name stem of the ComfyUI LoRA (default: the run folder's name)")
-def export(run, out, fmt, name) -> None:
+@click.option("--ema", is_flag=True, help="export the weight average the run kept (use_ema) instead of its weights")
+def export(run, out, fmt, name, ema) -> None:
     """Export the weights of RUN (a run folder, its final/ or one checkpoint_* folder) into OUT.
 
     OUT/README.txt says which file goes where (diffusers, upstream ACE-Step, ComfyUI).
     """
     from .export import export as export_weights
 
-    export_weights(run, out, fmt, name=name, log=click.echo)
+    export_weights(run, out, fmt, name=name, log=click.echo, ema=ema)
 
 
 @cli.command()

@@ -130,6 +130,40 @@ class TrainConfig(_Settings):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = Field(
+        "adamw", description="adamw (torch); adamw8bit (bitsandbytes, CUDA GPUs: 8-bit states); adafactor "
+                             "(transformers: factored second moments, no momentum); prodigy (prodigyopt: learns its "
+                             "step size; learning_rate is a multiplier, default 1.0)")
+    prodigy_d_coef: float = Field(1.0, gt=0, description="prodigy: scales the step size it estimates")
+    prodigy_d0: float = Field(1e-6, gt=0, description="prodigy: its first step-size estimate (it grows from there "
+                                                      "over the first tens of steps)")
+    use_ema: bool = Field(False, description="keep an exponential moving average of the trained weights, saved "
+                                             "beside them (final/ema) and exported with --ema")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="use_ema: the average's decay per optimizer step")
+    ema_device: Literal["accelerator", "cpu"] = Field("accelerator", description="use_ema: where the average is "
+                                                                                 "kept (cpu: no GPU memory)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prodigy_rate(cls, data: Any) -> Any:
+        # Prodigy estimates the step size itself; its learning_rate multiplies that estimate (its
+        # authors' default 1.0). The AdamW default 1e-4 would make it barely move.
+        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and data.get("learning_rate") is None:
+            data = {**data, "learning_rate": 1.0}
+        return data
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self) -> "TrainConfig":
+        # set to other than the default (a dumped config, as workers receive it, sets every key)
+        given = {key for key in self.model_fields_set if getattr(self, key) != type(self).model_fields[key].default}
+        stray = [key for key in ("prodigy_d_coef", "prodigy_d0") if key in given and self.optimizer != "prodigy"]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to optimizer prodigy, "
+                             f"not {self.optimizer}")
+        stray = [key for key in ("ema_decay", "ema_device") if key in given and not self.use_ema]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} the EMA, but use_ema is false")
+        return self
 
     @model_validator(mode="after")
     def _adapter_settings(self) -> "TrainConfig":

@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UserError
 from .families.adapters import NAMES as ADAPTER_NAMES
 from .families import LEGACY_FAMILY, Family, get, open_model, union
-from .train.layout import FINAL_DIR, STATE_FILE, weight_files
+from .train.layout import EMA_DIR, FINAL_DIR, STATE_FILE, weight_files
 
 # what export reads from a checkpoint's acedist_state.json (train/loop.py writes it), and its type
 STATE_FIELDS = {"model_type": str, "variant": str, "model": str, "step": int}
@@ -74,11 +74,22 @@ def read_state(file: Path) -> dict:
     return state
 
 
-def find_trained_weights(path: str | Path) -> TrainedWeights:
-    """A run folder (its ``final/``), a ``final/`` folder, or one ``checkpoint_*`` folder of a run."""
+def _average_of(folder, has_state, name: str):
+    """The ``ema/`` folder of a run's ``final/`` or checkpoint folder (``use_ema``), refused when absent."""
+    average = f"{folder}/{EMA_DIR}"
+    if not has_state(f"{average}/{STATE_FILE}"):
+        raise UserError(f"{name} holds no weight average ({EMA_DIR}/): the run trained without use_ema")
+    return average
+
+
+def find_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
+    """A run folder (its ``final/``), a ``final/`` folder, or one ``checkpoint_*`` folder of a run;
+    with ``ema``, the weight average saved beside its weights."""
     path = Path(path)
     for folder in (path / FINAL_DIR, path):
         if (folder / STATE_FILE).is_file():
+            if ema:
+                folder = Path(_average_of(folder, lambda p: Path(p).is_file(), str(folder)))
             trained = TrainedWeights(folder, read_state(folder / STATE_FILE))
             for name in trained.weights:
                 if not (folder / name).exists():
@@ -97,10 +108,10 @@ README = """Exported by acedist from {source} (step {step}, {family} {variant}, 
 """
 
 
-def _fetch_weights(url: str, into: Path) -> str:
+def _fetch_weights(url: str, into: Path, ema: bool = False) -> str:
     """Copy the trained weights of a run at a URL (its ``final/``, or the ``final/`` or ``checkpoint_*``
-    folder given) into ``into``: the state and the weight files, never the DeepSpeed states. Returns the
-    URL of the folder they came from."""
+    folder given; with ``ema``, the weight average beside them) into ``into``: the state and the weight
+    files, never the DeepSpeed states. Returns the URL of the folder they came from."""
     from .storage import open_fs
 
     fs, root = open_fs(url)
@@ -108,6 +119,8 @@ def _fetch_weights(url: str, into: Path) -> str:
     for folder in (f"{root}/{FINAL_DIR}", root):
         if not fs.isfile(f"{folder}/{STATE_FILE}"):
             continue
+        if ema:
+            folder = _average_of(folder, fs.isfile, f"{protocol}://{folder}")
         fs.get_file(f"{folder}/{STATE_FILE}", str(into / STATE_FILE))
         state = read_state(into / STATE_FILE)
         for item in weight_files(state):
@@ -124,17 +137,18 @@ def _fetch_weights(url: str, into: Path) -> str:
 
 
 def export(source: str | Path, out: str | Path, fmt: str = "all", name: str | None = None,
-           log=print) -> list[Path]:
+           log=print, ema: bool = False) -> list[Path]:
     """Export the run, ``final/`` or ``checkpoint_*`` folder ``source`` (a local path or a URL such as
-    ``s3://bucket/runs/x``, whose weights are downloaded first) into the local folder ``out``."""
+    ``s3://bucket/runs/x``, whose weights are downloaded first) into the local folder ``out``; with
+    ``ema``, the weight average the run kept (``use_ema``) instead of its weights."""
     if fmt not in export_formats():
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(export_formats())}")
     if "://" in str(source):
         with tempfile.TemporaryDirectory(prefix="acedist-export-") as folder:
-            origin = _fetch_weights(str(source), Path(folder))
+            origin = _fetch_weights(str(source), Path(folder), ema)
             name = name or str(source).rstrip("/").rsplit("/", 1)[-1]
             return _export(find_trained_weights(folder), origin, out, fmt, name, log)
-    return _export(find_trained_weights(source), None, out, fmt, name or Path(source).resolve().name, log)
+    return _export(find_trained_weights(source, ema), None, out, fmt, name or Path(source).resolve().name, log)
 
 
 def _check_out(out: Path) -> None:

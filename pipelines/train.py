@@ -23,8 +23,9 @@ from acestep_dist.ray_cluster import init_ray
 from acestep_dist.storage import open_fs, ray_train_storage
 from acestep_dist.train.checkpoints import choose_resume_checkpoint, list_checkpoints, missing_weights
 from acestep_dist.train.data import EpochPlan, open_training_data, verify_training_shards
-from acestep_dist.train.layout import FINAL_DIR, STATE_FILE, weight_files
+from acestep_dist.train.layout import FINAL_DIR, STATE_FILE, ema_files, weight_files
 from acestep_dist.train.loop import train_worker
+from acestep_dist.train.optimizers import check_optimizer
 
 
 @dataclass
@@ -65,12 +66,12 @@ def _publish_final(fs, final: str, checkpoint: str) -> dict:
             raise UserError(f"{final} exists and was not written by acedist (no {STATE_FILE}); move it away")
         fs.rm(final, recursive=True)
     fs.makedirs(final, exist_ok=True)
-    for item in (*weight_files(state), STATE_FILE):
+    for item in (*weight_files(state), *ema_files(state, checkpoint=False), STATE_FILE):
         source = folder / item
         if source.exists():
             fs.put(str(source), f"{final}/{item}", recursive=source.is_dir())
     published = [p.split(f"{final.rstrip('/')}/", 1)[-1] for p in fs.find(final)]
-    missing = missing_weights(state, published)
+    missing = missing_weights(state, published, checkpoint=False)
     if missing:
         raise UserError(f"{final} lacks {', '.join(missing)} after copying it from {folder.name}")
     return state
@@ -169,8 +170,12 @@ def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, no
         raise UserError(f"{data} holds samples of the model family {training.family}, the model is {family.name}; "
                         f"prepare the data with this model (acedist prep --model {model})")
     recipe = family.check_training(description, config, options, training.stored)
-    verify_training_shards(data, training, log=log)
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
+    check_optimizer(config, world, use_gpu)
+    if config.optimizer == "prodigy" and config.learning_rate < 0.1:
+        log(f"train: note: with prodigy, learning_rate ({config.learning_rate:g}) multiplies the step size it "
+            f"estimates; its authors use 1.0 (acedist's default for prodigy)")
+    verify_training_shards(data, training, log=log)
     plan = EpochPlan(training.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
     return _Checked(config, data, model, output, family, description, options, recipe, training.refs, scaling, world,
                     use_gpu, plan, worker_reference(model, description), training.schema.version)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from ..errors import UserError
 from ..shards import file_sha256
-from .layout import STATE_FILE, weight_files
+from .layout import STATE_FILE, ema_files, weight_files
 
 FILES_PREFIX = "acedist_files.rank"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -45,11 +45,11 @@ def write_files_list(folder: Path, rank: int, world_size: int, step: int) -> Non
     (folder / files_list_name(rank)).write_text(json.dumps(listing, indent=1) + "\n")
 
 
-def missing_weights(state: dict[str, Any], files: Iterable[str]) -> list[str]:
-    """The trained weights a checkpoint or ``final/`` of this run should hold and does not, given
-    its files (paths relative to it; a listed folder counts when it holds a file)."""
+def missing_weights(state: dict[str, Any], files: Iterable[str], checkpoint: bool = True) -> list[str]:
+    """The trained weights a checkpoint (or, ``checkpoint`` false, ``final/``) of this run should hold
+    and does not, given its files (paths relative to it; a listed folder counts when it holds a file)."""
     files = set(files)
-    return [name for name in weight_files(state)
+    return [name for name in (*weight_files(state), *ema_files(state, checkpoint=checkpoint))
             if name not in files and not any(f.startswith(f"{name}/") for f in files)]
 
 

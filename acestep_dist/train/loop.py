@@ -29,7 +29,9 @@ from ..families import RenderRequest, Trainable, get
 from ..records import Record
 from .checkpoints import write_files_list
 from .data import EpochPlan, SampleReader, _seed, iterate_micro_batches, open_training_data
-from .layout import STATE_FILE
+from .ema import WeightsAverage
+from .layout import EMA_AVERAGE_FILE, EMA_DIR, STATE_FILE
+from .optimizers import build_optimizer, deepspeed_settings
 
 CHECKPOINT_TAG = "engine"
 
@@ -82,7 +84,7 @@ def deepspeed_config(config: TrainConfig, world_size: int, use_gpu: bool) -> dic
     }
     if config.max_grad_norm > 0:
         ds["gradient_clipping"] = config.max_grad_norm
-    return ds
+    return {**ds, **deepspeed_settings(config)}
 
 
 class _Gathered:
@@ -128,6 +130,7 @@ class _Worker:
     model: Any = None  # the family's FamilyModel
     trainable: Trainable | None = None
     engine: Any = None
+    average: WeightsAverage | None = None  # use_ema
     scheduler: Any = None
     plan: EpochPlan | None = None
     reader: SampleReader | None = None
@@ -184,15 +187,15 @@ def _build_engine(worker: _Worker) -> None:
     import deepspeed
 
     config = worker.config
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "name"} for g in worker.trainable.param_groups],
-        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
-    )
+    optimizer = build_optimizer(config, worker.trainable.param_groups, worker.world, worker.use_gpu)
     worker.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, worker.total_steps))
     worker.engine, _, _, _ = deepspeed.initialize(
         model=worker.trainable.module, optimizer=optimizer, lr_scheduler=worker.scheduler,
         config=deepspeed_config(config, worker.world, worker.use_gpu),
     )
+    if config.use_ema:  # of the weights as the engine holds them (ZeRO 0-2: whole on every worker)
+        device = worker.device if config.ema_device == "accelerator" else torch.device("cpu")
+        worker.average = WeightsAverage(worker.trainable.module, config.ema_decay, device)
 
 
 def _restore(worker: _Worker) -> None:
@@ -218,6 +221,8 @@ def _restore(worker: _Worker) -> None:
                                  f"{config.zero_stage}; resume with the same number of workers")
             worker.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)  # our own checkpoint, written by this run
             worker.start_step = saved["step"]
+            if worker.average is not None:
+                _restore_average(worker, Path(folder), saved)
     if worker.rank == 0:
         plan, trainable = worker.plan, worker.trainable
         print(f"train: {len(plan.refs)} samples ({plan.epoch_size} with repeats), {plan.steps_per_epoch} steps per "
@@ -257,6 +262,8 @@ def _train(worker: _Worker) -> None:
         window.samples += len(generators)
         if micro != config.gradient_accumulation_steps - 1:
             continue
+        if worker.average is not None:  # engine.step() above was this step's optimizer step
+            worker.average.update()
         done = step + 1
         if done % config.log_interval == 0 or done == worker.total_steps:
             _log_metrics(worker, window, done)
@@ -315,12 +322,39 @@ def _checkpoint(worker: _Worker, done: int) -> None:
                      "model_type": config.model_type,
                      "weights": weights, "config": config.model_dump(), "family_options": job["family_options"],
                      "world_size": worker.world, "started_at_step": worker.start_step}
+            if worker.average is not None:
+                state["ema"] = {"decay": config.ema_decay}
+                _save_average(worker, Path(folder), state)
             (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1))
         # last: the list of this rank's files is what makes its part of the checkpoint count
         write_files_list(Path(folder), worker.rank, worker.world, done)
         ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(folder))
     if worker.tb_local is not None:
         _upload_tensorboard(worker.writer, worker.tb_local, job["run"])
+
+
+def _save_average(worker: _Worker, folder: Path, state: dict) -> None:
+    """The weight average: float32 for a resume, and saved as the family saves its weights into
+    ``ema/`` with a state of its own (so export and generate read it as they read ``final/``)."""
+    from safetensors.torch import save_file
+
+    save_file(worker.average.state(), str(folder / EMA_AVERAGE_FILE))
+    (folder / EMA_DIR).mkdir()
+    with worker.average.swapped_in():
+        weights = worker.trainable.save(folder / EMA_DIR)
+    averaged = {**state, "weights": weights, "averaged": {"decay": worker.config.ema_decay, "of_step": state["step"]}}
+    averaged.pop("ema")
+    (folder / EMA_DIR / STATE_FILE).write_text(json.dumps(averaged, indent=1))
+
+
+def _restore_average(worker: _Worker, folder: Path, saved: dict) -> None:
+    from safetensors.torch import load_file
+
+    if saved.get("ema") and (folder / EMA_AVERAGE_FILE).is_file():
+        worker.average.load(load_file(str(folder / EMA_AVERAGE_FILE)))
+    elif worker.rank == 0:
+        print(f"train: the checkpoint of step {saved['step']} holds no weight average (its run had no use_ema); "
+              f"the average starts from its weights", flush=True)
 
 
 def _close(worker: _Worker) -> None:
