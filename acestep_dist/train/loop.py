@@ -251,7 +251,10 @@ def _train(worker: _Worker) -> None:
         faults.point("train.micro_step", step=step, micro=micro, rank=worker.rank, first_step=worker.start_step)
         # The global torch RNG is seeded here, per micro-step: peft's LoRA dropout draws from it,
         # and keyed seeds make a resumed or restarted run drop exactly what the uninterrupted one did.
-        torch.manual_seed(_seed(config.seed, "dropout", step, micro, worker.rank))
+        # Dropping whole adapter modules (LoKr / LoHa) must agree across workers: a module dropped on
+        # one worker only would leave the workers different gradients for ZeRO's all-reduce.
+        worker_key = "every worker" if config.adapter_module_dropout > 0 else worker.rank
+        torch.manual_seed(_seed(config.seed, "dropout", step, micro, worker_key))
         batch = worker.model.collate(micro_batch["samples"]).to(worker.device)
         generators = [plan.generator(item) for item in micro_batch["items"]]
         loss, _, timesteps = engine(batch, generators)
