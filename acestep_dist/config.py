@@ -155,7 +155,8 @@ class TrainConfig(_Settings):
     @model_validator(mode="after")
     def _optimizer_settings(self) -> "TrainConfig":
         # set to other than the default (a dumped config, as workers receive it, sets every key)
-        given = {key for key in self.model_fields_set if getattr(self, key) != type(self).model_fields[key].default}
+        fields = type(self).model_fields  # (a family's own keys are extras, checked by the family)
+        given = {key for key in self.model_fields_set if key in fields and getattr(self, key) != fields[key].default}
         stray = [key for key in ("prodigy_d_coef", "prodigy_d0") if key in given and self.optimizer != "prodigy"]
         if stray:
             raise ValueError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to optimizer prodigy, "

@@ -132,11 +132,14 @@ class AceStep15:
         """Per sample, the condition encoder's packed output ``[Lc, H]`` (float32) for its stored text
         states and lyric ids, each sample alone (nothing padded: the result does not depend on other
         samples), computed exactly as training computes it in the loop."""
+        (condition_encoder,) = self._require("condition_encoder")
+        device = next(condition_encoder.parameters()).device
         conditions = []
         for text, lyrics in zip(text_states, lyric_ids, strict=True):
-            text = text.to(torch.bfloat16).float()[None]  # as a shard stores and training reads it
-            condition, mask = self.condition(text, torch.ones(text.shape[:2], dtype=torch.bool), lyrics.long()[None],
-                                             torch.ones(1, lyrics.shape[0], dtype=torch.bool))
+            text = text.to(device, torch.bfloat16).float()[None]  # as a shard stores and training reads it
+            condition, mask = self.condition(text, torch.ones(text.shape[:2], dtype=torch.bool, device=device),
+                                             lyrics.to(device).long()[None],
+                                             torch.ones(1, lyrics.shape[0], dtype=torch.bool, device=device))
             conditions.append(condition[0, : int(mask[0].sum())].float().cpu())
         return conditions
 
