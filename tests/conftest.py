@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -40,6 +41,26 @@ def train_scalars(run: Path, name: str) -> dict[int, float]:
 
     events = EventAccumulator(str(run / "tb"), size_guidance={SCALARS: 0}).Reload()
     return {event.step: event.value for event in events.Scalars(f"train/{name}")}
+
+
+def train_with_a_killed_worker(monkeypatch, config, data: Path, model: Path, run: Path, *, workers: int, rank: int,
+                               step: int) -> None:
+    """Train with ``max_failures: 1`` while worker ``rank`` SIGKILLs itself at the start of step
+    ``step`` (after 8 s: Ray's controller registers a reported checkpoint by polling); the run must
+    finish, restarted by Ray Train from the last checkpoint before ``step``."""
+    from acestep_dist import faults
+    from pipelines.train import run_train
+
+    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=8, step=step, micro=0,
+                                                    rank=rank, first_step=0))
+    try:
+        result = run_train(config.model_copy(update={"max_failures": 1}), str(data), str(model), str(run),
+                           workers=workers, log=lambda _: None)
+    finally:
+        monkeypatch.delenv(faults.VARIABLE)
+    assert result.steps == (config.max_train_steps or result.steps)
+    restarted_at = (step - 1) // config.checkpointing_steps * config.checkpointing_steps
+    assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == restarted_at
 
 
 @pytest.fixture(scope="session")

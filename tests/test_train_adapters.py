@@ -10,12 +10,11 @@ import json
 import pytest
 import torch
 
-from acestep_dist import faults
 from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.export import export
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
-from conftest import TRAIN_COMMON, timestep_histograms
+from conftest import TRAIN_COMMON, timestep_histograms, train_with_a_killed_worker
 
 torch.set_num_threads(1)
 
@@ -72,16 +71,8 @@ def _killed_worker_resumes_exactly(config, trained, whole, tmp_path, train_shard
     """Rank 1 SIGKILLs itself in step 3, after checkpoint 2 (8 s: Ray's controller registers a
     reported checkpoint by polling); Ray Train restarts the group from that checkpoint and the run
     ends with the uninterrupted run's weights, and logs the same timesteps (the replaced rank's too)."""
-    from pipelines.train import run_train
-
-    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=8, step=3, micro=0, rank=1,
-                                                    first_step=0))
     resumed = tmp_path / "resumed"
-    result = run_train(config.model_copy(update={"max_failures": 1}), str(train_shards), str(prep_model), str(resumed),
-                       workers=2, log=lambda _: None)
-    monkeypatch.delenv(faults.VARIABLE)
-    assert result.steps == 4
-    assert json.loads((resumed / "final" / "acedist_state.json").read_text())["started_at_step"] == 2
+    train_with_a_killed_worker(monkeypatch, config, train_shards, prep_model, resumed, workers=2, rank=1, step=3)
     again = read_lora(resumed / "final" / "lora.safetensors")
     assert again.state.keys() == trained.state.keys()
     assert max(float((again.state[k] - trained.state[k]).abs().max()) for k in trained.state) <= 1e-6

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
-from acestep_dist import faults
 from acestep_dist.config import TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.export import export
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
-from conftest import TRAIN_COMMON, train_scalars
+from conftest import TRAIN_COMMON, train_scalars, train_with_a_killed_worker
 
 torch.set_num_threads(1)
 
@@ -38,14 +37,8 @@ def test_prodigy_with_a_weight_average_resumes_and_splits_over_workers_exactly(t
     run_train(config.model_copy(update={"train_batch_size": 2}), str(train_shards), str(prep_model), str(one),
               workers=1, log=lambda _: None)
 
-    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=8, step=3, micro=0, rank=0,
-                                                    first_step=0))
     two = tmp_path / "two"
-    result = run_train(config.model_copy(update={"max_failures": 1}), str(train_shards), str(prep_model), str(two),
-                       workers=2, log=lambda _: None)
-    monkeypatch.delenv(faults.VARIABLE)
-    assert result.steps == 4
-    assert json.loads((two / "final" / "acedist_state.json").read_text())["started_at_step"] == 2
+    train_with_a_killed_worker(monkeypatch, config, train_shards, prep_model, two, workers=2, rank=0, step=3)
 
     weights = {run: read_lora(run / "final" / "lora.safetensors").state for run in (one, two)}
     averages = {run: read_lora(run / "final" / "ema" / "lora.safetensors").state for run in (one, two)}

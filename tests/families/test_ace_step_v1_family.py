@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from acestep_dist import faults
 from acestep_dist.config import PrepConfig, TrainConfig
 from acestep_dist.errors import UserError
 from acestep_dist.families import get as get_family, family_of
-from conftest import timestep_histograms, train_scalars
+from conftest import timestep_histograms, train_scalars, train_with_a_killed_worker
 
 torch.set_num_threads(1)
 
@@ -281,15 +280,9 @@ def test_a_killed_worker_resumes_exactly(v1_run, tmp_path, v1_shards, v1_model, 
     # the worker SIGKILLs itself at step 4, after checkpoint 3 (8 s: Ray's controller registers a
     # reported checkpoint by polling), and Ray Train restarts it from there. The same restore path as
     # `--resume` after a killed driver, which tests/test_train.py covers for every family.
-    from pipelines.train import run_train
-
-    monkeypatch.setenv(faults.VARIABLE, faults.spec("train.micro_step", action="kill", delay=8, step=4, micro=0, rank=0,
-                                                    first_step=0))
     run = tmp_path / "killed"
-    result = run_train(_config(train_batch_size=2, zero_stage=2, max_failures=1), str(v1_shards), str(v1_model),
-                       str(run), workers=1, log=lambda _: None)
-    assert result.steps == 6
-    assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == 3
+    train_with_a_killed_worker(monkeypatch, _config(train_batch_size=2, zero_stage=2), v1_shards, v1_model, run,
+                               workers=1, rank=0, step=4)
     assert _max_diff(_lora(run), _lora(v1_run)) <= 1e-6
 
 
