@@ -22,10 +22,15 @@ def acedist(*args, check=True):
 
 
 def test_help_and_version():
-    assert "Usage: acedist" in acedist("--help").stdout
+    assert "Usage: acedist" in acedist("--help").stdout  # the installed entry point
     assert __version__ in acedist("--version").stdout
-    for command in (["model"], ["model", "tiny"], ["model", "info"]):
-        assert "Usage:" in acedist(*command, "--help").stdout
+    from click.testing import CliRunner
+
+    from acestep_dist.cli import cli
+
+    for command in (["model"], ["model", "tiny"], ["model", "info"]):  # the same commands, in this process
+        result = CliRunner().invoke(cli, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output
 
 
 def test_model_tiny_writes_a_checkpoint_diffusers_loads(tmp_path):

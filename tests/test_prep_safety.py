@@ -373,9 +373,10 @@ def _gist_words(gist: str) -> list[str]:
     return [word for word in words if len(word) > 1 and not re.fullmatch(r"[\d.]+", word)]
 
 
-def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, prep_model):
-    """Through the command line and its own embedded cluster: each file as EXPECTED.md says (rejected
-    or warned with the reason it gives), the good files beside them kept, exit status 3 (partial)."""
+def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, prep_model, ray_session):
+    """Through the command line, on the test session's cluster (`--address`): each file as EXPECTED.md
+    says (rejected or warned with the reason it gives), the good files beside them kept, exit status
+    3 (partial)."""
     expected = _expected((corpus / "broken" / "EXPECTED.md").read_text(encoding="utf-8"))
     source = tmp_path / "songs"
     source.mkdir()
@@ -392,8 +393,9 @@ def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, pre
     out = tmp_path / "out"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
+    address = ray_session.get_runtime_context().gcs_address
     result = subprocess.run([sys.executable, "-m", "acestep_dist.cli", "prep", str(source), "--model", str(prep_model),
-                             "--out", str(out), f"max_duration={max_duration}"],
+                             "--out", str(out), "--address", address, f"max_duration={max_duration}"],
                             capture_output=True, text=True, env=env, timeout=600)
 
     assert result.returncode == EXIT_PARTIAL, result.stderr[-3000:]

@@ -85,8 +85,8 @@ def test_training_lowers_the_loss_and_renders_validation_audio(reference_run, tr
 
 def test_two_workers_give_the_weights_of_one_worker(reference_run, tmp_path, train_shards, prep_model):
     # Under ZeRO-3. Two workers of batch 1 under ZeRO-2 (reference_run's stage) give its weights and
-    # timestep histograms in test_a_killed_worker_is_replaced_and_the_run_finishes (with a worker
-    # replaced midway) and test_train_cluster.py (one worker on each of two nodes).
+    # timestep histograms in test_train_cluster.py (one worker on each of two nodes); a ZeRO-2 run of
+    # two workers with one replaced midway ends as uninterrupted in test_train_adapters.py (LoKr).
     run = tmp_path / "zero3"
     # also reads through DataLoader worker processes: the same batches either way
     run_train(_config(train_batch_size=1, zero_stage=3), str(train_shards), str(prep_model), str(run),

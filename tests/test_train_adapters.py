@@ -18,10 +18,12 @@ from conftest import TRAIN_COMMON, timestep_histograms, train_with_a_killed_work
 
 torch.set_num_threads(1)
 
-KINDS = {"dora": dict(adapter="dora", lora_rank=4, lora_alpha=8.0),
+KINDS = {"dora": dict(adapter="dora", lora_rank=4, lora_alpha=8.0,
+                      use_ema=True, ema_decay=0.5),  # and the weight average under ZeRO-2
          "lokr": dict(adapter="lokr", lora_rank=2, lora_alpha=4.0, lokr_decompose_both=True,
                       adapter_module_dropout=0.2),  # the module dropout draws are keyed too: resume stays exact
-         "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0)}
+         "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0,
+                      optimizer="adafactor")}  # and an optimizer DeepSpeed's ZeRO-2 was not tested with
 
 
 @pytest.mark.slow
@@ -41,7 +43,7 @@ def test_an_adapter_kind_trains_and_exports(kind, tmp_path, train_shards, prep_m
     trained = read_lora(whole / "final" / "lora.safetensors")
     assert trained.spec.kind == kind and trained.spec.rank == config.lora_rank
     state = json.loads((whole / "final" / "acedist_state.json").read_text())
-    assert state["config"]["adapter"] == kind
+    assert state["config"]["adapter"] == kind and state["config"]["optimizer"] == config.optimizer
 
     # it trained: the part peft starts at zero (so the adapter starts as no change) has moved
     zero_at_start = {"dora": "lora_B.weight", "lokr": "lokr_w1_a", "loha": "hada_w2_a"}[kind]
@@ -51,9 +53,17 @@ def test_an_adapter_kind_trains_and_exports(kind, tmp_path, train_shards, prep_m
     if kind == "lokr":  # the richest state (split factors, module dropout draws); the others' is plain tensors
         _killed_worker_resumes_exactly(config, trained, whole, tmp_path, train_shards, prep_model, monkeypatch)
 
+    if kind == "dora":  # the average of the weights, saved as they are, lags them and exports like them
+        average = read_lora(whole / "final" / "ema" / "lora.safetensors")
+        assert average.spec == trained.spec
+        assert max(float((average.state[k] - trained.state[k]).abs().max()) for k in trained.state) > 1e-5
+        (exported,) = export(whole, tmp_path / "average", "comfyui", ema=True, log=lambda _: None)
+        assert read_lora(exported).state.keys() and read_lora(exported).spec == trained.spec
     if kind == "loha":  # a format whose consumers cannot build the kind is refused, naming those that can
         with pytest.raises(UserError, match="LoHa exports as peft, comfyui; not diffusers"):
             export(whole, tmp_path / "refused", "diffusers", log=lambda _: None)
+        with pytest.raises(UserError, match="trained without use_ema"):
+            export(whole, tmp_path / "none", "comfyui", ema=True, log=lambda _: None)
     written = export(whole, tmp_path / "export", "all", log=lambda _: None)
     assert {p.relative_to(tmp_path / "export").parts[0] for p in written} == set(
         {"dora": ("diffusers", "peft", "comfyui"), "lokr": ("peft", "comfyui", "lycoris"),

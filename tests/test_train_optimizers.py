@@ -1,5 +1,6 @@
-"""Optimizers other than AdamW, and the weight average, through the real training stage (Ray Train,
-DeepSpeed) on the tiny ACE-Step 1.5 model."""
+"""Prodigy and the weight average through the real training stage (Ray Train, DeepSpeed) on the tiny
+ACE-Step 1.5 model. (Adafactor under ZeRO-2 and the average under ZeRO-2 train in
+tests/test_train_adapters.py, with LoHa and DoRA.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from acestep_dist.config import TrainConfig
-from acestep_dist.errors import UserError
 from acestep_dist.export import export
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
 from conftest import TRAIN_COMMON, train_scalars, train_with_a_killed_worker
@@ -59,19 +59,3 @@ def test_prodigy_with_a_weight_average_resumes_and_splits_over_workers_exactly(t
         weight = torch.randn(exported.shape(module), generator=torch.Generator().manual_seed(0))
         average = read_lora(one / "final" / "ema" / "lora.safetensors")
         torch.testing.assert_close(exported.delta(module, weight), average.delta(module, weight), rtol=0, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_adafactor_trains_under_zero_2(tmp_path, train_shards, prep_model):
-    from pipelines.train import run_train
-
-    config = TrainConfig(**{**TRAIN_COMMON, "max_train_steps": 3, "checkpointing_steps": 3, "log_interval": 1},
-                         optimizer="adafactor", train_batch_size=2, zero_stage=2)
-    run = tmp_path / "run"
-    assert run_train(config, str(train_shards), str(prep_model), str(run), workers=1, log=lambda _: None).steps == 3
-    trained = read_lora(run / "final" / "lora.safetensors").state
-    assert all(float(trained[k].abs().max()) > 0 for k in trained if k.endswith("lora_B.weight"))
-    state = json.loads((run / "final" / "acedist_state.json").read_text())
-    assert state["config"]["optimizer"] == "adafactor" and "ema" not in state
-    with pytest.raises(UserError, match="trained without use_ema"):
-        export(run, tmp_path / "none", "comfyui", ema=True, log=lambda _: None)
