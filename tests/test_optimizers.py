@@ -110,3 +110,17 @@ def test_the_average_follows_its_formula_and_swaps_in_for_saving():
     torch.testing.assert_close(restored.average["weight"], expected)
     with pytest.raises(ValueError, match="does not fit"):
         restored.load({"other": torch.zeros(1)})
+
+
+def test_zero_gradient_bucket_fits_what_trains():
+    """ZeRO's gradient bucket is as large as the trained parameters (within DeepSpeed's 5e8 default,
+    at least 1e7): DeepSpeed would otherwise hold 1 GB of GPU memory for a LoRA of a few million."""
+    from acestep_dist.train.loop import deepspeed_config
+
+    lora = deepspeed_config(TrainConfig(zero_stage=2), 2, True, trainable_parameters=7_000_000)
+    assert lora["zero_optimization"]["reduce_bucket_size"] == 10_000_000
+    middle = deepspeed_config(TrainConfig(zero_stage=3), 2, True, trainable_parameters=88_000_000)
+    assert middle["zero_optimization"]["reduce_bucket_size"] == 88_000_000
+    full = deepspeed_config(TrainConfig(zero_stage=1, model_type="full"), 8, True, trainable_parameters=1_575_458_880)
+    assert full["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert "reduce_bucket_size" not in deepspeed_config(TrainConfig(zero_stage=0), 2, True, 7_000_000)["zero_optimization"]

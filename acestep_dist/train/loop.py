@@ -64,8 +64,24 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def deepspeed_config(config: TrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
+# DeepSpeed's default gradient bucket (5e8 elements, 1 GB in bf16) is allocated whole on the GPU
+# at ZeRO 1-3, however few parameters train: a LoRA of a few million parameters needs a bucket of
+# its own size. Buckets group the all-reduce of whole gradients (each element is still summed over
+# the same workers), so their size does not change a result.
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+SMALLEST_REDUCE_BUCKET = 10_000_000
+
+
+def reduce_bucket_size(trainable_parameters: int) -> int:
+    """Elements of ZeRO's gradient bucket: every trained element at once, within DeepSpeed's default."""
+    return int(min(DEEPSPEED_REDUCE_BUCKET, max(trainable_parameters, SMALLEST_REDUCE_BUCKET)))
+
+
+def deepspeed_config(config: TrainConfig, world_size: int, use_gpu: bool,
+                     trainable_parameters: int | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.zero_stage > 0 and trainable_parameters is not None:
+        zero["reduce_bucket_size"] = reduce_bucket_size(trainable_parameters)
     if config.offload_optimizer:
         if config.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
@@ -191,7 +207,7 @@ def _build_engine(worker: _Worker) -> None:
     worker.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, worker.total_steps))
     worker.engine, _, _, _ = deepspeed.initialize(
         model=worker.trainable.module, optimizer=optimizer, lr_scheduler=worker.scheduler,
-        config=deepspeed_config(config, worker.world, worker.use_gpu),
+        config=deepspeed_config(config, worker.world, worker.use_gpu, worker.trainable.trainable_parameters),
     )
     if config.use_ema:  # of the weights as the engine holds them (ZeRO 0-2: whole on every worker)
         device = worker.device if config.ema_device == "accelerator" else torch.device("cpu")
