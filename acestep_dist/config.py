@@ -152,11 +152,16 @@ class TrainConfig(_Settings):
             data = {**data, "learning_rate": 1.0}
         return data
 
+    def _changed(self) -> set[str]:
+        """The general keys set to other than their default (a dumped config, as workers receive it,
+        sets every key; a family's own keys are extras, checked by the family)."""
+        fields = type(self).model_fields
+        return {key for key in self.model_fields_set if key in fields and getattr(self, key) != fields[key].default}
+
     @model_validator(mode="after")
     def _optimizer_settings(self) -> "TrainConfig":
-        # set to other than the default (a dumped config, as workers receive it, sets every key)
-        fields = type(self).model_fields  # (a family's own keys are extras, checked by the family)
-        given = {key for key in self.model_fields_set if key in fields and getattr(self, key) != fields[key].default}
+        # settings of an optimizer or an average the run does not use would be silently ignored
+        given = self._changed()
         stray = [key for key in ("prodigy_d_coef", "prodigy_d0") if key in given and self.optimizer != "prodigy"]
         if stray:
             raise ValueError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to optimizer prodigy, "
@@ -169,12 +174,12 @@ class TrainConfig(_Settings):
     @model_validator(mode="after")
     def _adapter_settings(self) -> "TrainConfig":
         # settings of another adapter kind would be silently ignored: refused when the user set them
-        given = self.model_fields_set
+        given = self._changed()
         own = {"lora": ("lora_dropout", "use_rslora"), "dora": ("lora_dropout", "use_rslora"),
                "lokr": ("lokr_factor", "lokr_decompose_both", "adapter_module_dropout"),
                "loha": ("adapter_module_dropout",)}
         foreign = sorted({key for keys in own.values() for key in keys} - set(own[self.adapter]))
-        set_here = [key for key in foreign if key in given and getattr(self, key) != type(self).model_fields[key].default]
+        set_here = [key for key in foreign if key in given]
         if set_here:
             raise ValueError(f"{', '.join(set_here)} do{'es' if len(set_here) == 1 else ''} not apply to adapter "
                              f"{self.adapter!r}")

@@ -196,20 +196,24 @@ class AceStep15Model(FamilyModel):
         return samples
 
     def _add_parts(self, parts) -> None:
-        """Load the parts of ``parts`` this model was loaded without, beside those it has."""
+        """Load the parts of ``parts`` this model was loaded without, beside those it has, in their dtype
+        and on their device."""
         import torch
 
-        from .loading import load_components
+        from .loading import CONDITION_CONSTANTS, load_components
 
         components = self.model.components
-        missing = [part for part in parts if getattr(components, part) is None]
+        # the constants' part fills two fields (and the condition encoder holds them itself)
+        fields = {CONDITION_CONSTANTS: ("null_condition", "silence_latent")}
+        missing = [part for part in parts if all(getattr(components, f) is None for f in fields.get(part, (part,)))]
         if not missing:
             return
         reference = next((m for m in (components.transformer, components.text_encoder, components.vae) if m is not None), None)
         dtype, device = (reference.dtype, reference.device) if reference is not None else (torch.float32, "cpu")
         loaded = load_components(self.description.source, missing, dtype=dtype, device=device)
         for part in missing:
-            setattr(components, part, getattr(loaded, part))
+            for name in fields.get(part, (part,)):
+                setattr(components, name, getattr(loaded, name))
 
     # ----------------------------------------------------------------------- training
     def collate(self, samples):
@@ -218,25 +222,18 @@ class AceStep15Model(FamilyModel):
     def trainable(self, config, options: TrainOptions, stored=None):
         from .training import AceStep15Trainable
 
+        from .loading import CONDITION_CONSTANTS
+
         cached = CONDITION in (stored or {})
         if cached:
-            if self.model.components.condition_encoder is None:
-                self._add_constants()
+            if self.model.components.condition_encoder is None:  # which holds the constants itself
+                self._add_parts((CONDITION_CONSTANTS,))
         else:
             self._add_parts(IN_LOOP_CONDITION_PARTS)
         trainable = AceStep15Trainable(self.model, config, options, cached_condition=cached)
         if self.purpose == "train" and not cached:
             self.model.components.text_encoder = None  # only its token table is needed (the module keeps it)
         return trainable
-
-    def _add_constants(self) -> None:
-        from .loading import CONDITION_CONSTANTS, load_components
-
-        components = self.model.components
-        transformer = components.transformer
-        loaded = load_components(self.description.source, (CONDITION_CONSTANTS,), dtype=transformer.dtype,
-                                 device=transformer.device)
-        components.null_condition, components.silence_latent = loaded.null_condition, loaded.silence_latent
 
     # ----------------------------------------------------------------------- sampling
     def generate(self, request: RenderRequest, lora: str | None = None, lora_scale: float = 1.0, log=print):

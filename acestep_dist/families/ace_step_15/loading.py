@@ -175,10 +175,7 @@ def _condition_weight_files(folder: Path, layout: str) -> tuple[list[Path], str]
         if not files:
             raise ModelLoadError(f"{root}: no condition encoder weights (*.safetensors)")
         return files, ""
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"], "encoder."
-    return sorted({folder / Path(name).name for name in _read_json(index)["weight_map"].values()}), "encoder."
+    return _upstream_weight_files(folder), "encoder."
 
 
 def _condition_keys(keys, prefix: str) -> list[str]:
@@ -303,20 +300,23 @@ def _load_diffusers(root: Path, parts, dtype) -> AceStep15Components:
     return components
 
 
+def _upstream_weight_files(variant_dir: Path) -> list[Path]:
+    """``model.safetensors``, or the shards its index lists."""
+    single = variant_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = _read_json(variant_dir / "model.safetensors.index.json")
+    # names only: the index cannot point outside the folder
+    return [variant_dir / Path(shard).name for shard in sorted(set(index["weight_map"].values()))]
+
+
 def _load_upstream_state_dict(variant_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The tensors of the upstream weight file(s) whose keys start with one of ``prefixes`` (the
     parts asked for only: the DiT and the condition encoder share one file)."""
     from safetensors import safe_open
 
-    single = variant_dir / "model.safetensors"
-    if single.is_file():
-        files = [single]
-    else:
-        index = _read_json(variant_dir / "model.safetensors.index.json")
-        # names only: the index cannot point outside the folder
-        files = [variant_dir / Path(shard).name for shard in sorted(set(index["weight_map"].values()))]
     state: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path in _upstream_weight_files(variant_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefixes):

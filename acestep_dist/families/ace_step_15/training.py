@@ -70,16 +70,20 @@ def read_init_lora(path: str) -> AdapterWeights:
         raise UserError(f"init_lora {path} cannot be read as a LoRA: {type(error).__name__}: {error}") from None
 
 
+def refuse_trained_lyric_encoder(options: TrainOptions) -> None:
+    if options.lyrics_embedder_train:
+        raise UserError("lyrics_embedder_train: the data holds the condition prep computed with the lyric encoder "
+                        "as it was (prep cache_condition=true), which a run that trains the lyric encoder cannot use; "
+                        "prepare the data again without cache_condition, or leave the lyric encoder frozen")
+
+
 def check_cached_condition(options: TrainOptions, recorded: str | None, model_condition: str) -> None:
     """A run may use the data's cached condition only when it would compute that condition itself:
     the lyric encoder frozen, and the model's condition encoder the one prep ran (``recorded``:
     its fingerprint in the shard markers; ``model_condition``: this model's)."""
     if recorded is None:
         return
-    if options.lyrics_embedder_train:
-        raise UserError("lyrics_embedder_train: the data holds the condition prep computed with the lyric encoder "
-                        "as it was (prep cache_condition=true), which a run that trains the lyric encoder cannot use; "
-                        "prepare the data again without cache_condition, or leave the lyric encoder frozen")
+    refuse_trained_lyric_encoder(options)
     if recorded != model_condition:
         raise UserError(f"the data's cached condition was computed by another condition encoder (fingerprint "
                         f"{recorded or 'unrecorded'}, this model's is {model_condition}): prepare the data again with "
@@ -122,8 +126,8 @@ class AceStep15Trainable(Trainable):
 
         self.family, self.config, self.options = family, config, options
         self.cached_condition = cached_condition
-        if cached_condition and options.lyrics_embedder_train:
-            check_cached_condition(options, "", "")  # the driver refuses this; a direct caller is refused alike
+        if cached_condition:  # the driver refuses this; a direct caller is refused alike
+            refuse_trained_lyric_encoder(options)
         components = family.components
         transformer, condition_encoder = components.transformer, components.condition_encoder
         frozen = (transformer,) if cached_condition else (transformer, condition_encoder, family.lyric_embedding())
