@@ -25,6 +25,7 @@ from acestep_dist.train.checkpoints import choose_resume_checkpoint, list_checkp
 from acestep_dist.train.data import EpochPlan, open_training_data, verify_training_shards
 from acestep_dist.train.layout import FINAL_DIR, STATE_FILE, ema_files, weight_files
 from acestep_dist.train.loop import train_worker
+from acestep_dist.train.frozen_precision import check_quantization_available
 from acestep_dist.train.optimizers import check_optimizer
 
 
@@ -172,6 +173,7 @@ def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, no
     recipe = family.check_training(description, config, options, training.stored)
     scaling, world, use_gpu = _scaling(nodes, gpus_per_node, workers)
     check_optimizer(config, world, use_gpu)
+    check_quantization_available(config.base_model_precision)
     if config.optimizer == "prodigy" and config.learning_rate < 0.1:
         log(f"train: note: with prodigy, learning_rate ({config.learning_rate:g}) multiplies the step size it "
             f"estimates; its authors use 1.0 (acedist's default for prodigy)")

@@ -30,6 +30,7 @@ from ..records import Record
 from .checkpoints import write_files_list
 from .data import EpochPlan, SampleReader, _seed, iterate_micro_batches, open_training_data
 from .ema import WeightsAverage
+from .frozen_precision import QuantizedBase, check_device_support, quantize_frozen_base
 from .layout import EMA_AVERAGE_FILE, EMA_DIR, STATE_FILE
 from .optimizers import build_optimizer, deepspeed_settings
 
@@ -145,6 +146,7 @@ class _Worker:
     device: torch.device
     model: Any = None  # the family's FamilyModel
     trainable: Trainable | None = None
+    quantized: QuantizedBase | None = None  # base_model_precision other than no_change
     engine: Any = None
     average: WeightsAverage | None = None  # use_ema
     scheduler: Any = None
@@ -189,14 +191,26 @@ def _load_model_and_data(worker: _Worker) -> None:
     family = get(job["family"])
     description = family.describe(job["model"])
     data = open_training_data(job["data"])
-    worker.model = family.load(description, "validate" if worker.validates else "train", dtype=torch.float32,
+    check_device_support(config.base_model_precision, worker.device)
+    worker.model = family.load(description, "validate" if worker.validates else "train", dtype=_load_dtype(worker),
                                device=str(worker.device))
     worker.trainable = worker.model.trainable(config, family.train_options.model_validate(job["family_options"]),
                                               data.stored)
+    # after the adapters wrap their layers: what stays frozen now is the base (and frozen encoders)
+    worker.quantized = quantize_frozen_base(worker.trainable.module, config.base_model_precision)
     worker.plan = EpochPlan(data.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps,
                             worker.world)
     worker.reader = SampleReader(data.refs, data.schema)
     worker.total_steps = config.max_train_steps or config.num_train_epochs * worker.plan.steps_per_epoch
+
+
+def _load_dtype(worker: _Worker) -> torch.dtype:
+    """The dtype a worker loads the model in: on a GPU the run's mixed precision, which DeepSpeed casts
+    the whole module to at initialise anyway (loaded in float32 first, a 2B model with its condition
+    path would take 11 GB of the GPU for a moment: more than the run then needs); float32 on CPU."""
+    if not worker.use_gpu:
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(worker.config.mixed_precision, torch.float32)
 
 
 def _build_engine(worker: _Worker) -> None:
@@ -244,7 +258,8 @@ def _restore(worker: _Worker) -> None:
         print(f"train: {len(plan.refs)} samples ({plan.epoch_size} with repeats), {plan.steps_per_epoch} steps per "
               f"epoch of global batch {plan.global_batch}; {trainable.trainable_parameters:,} trainable parameters; "
               f"steps {worker.start_step} -> {worker.total_steps} on {worker.world} worker(s), "
-              f"{'GPU' if worker.use_gpu else 'CPU fp32'}, ZeRO-{config.zero_stage}; {trainable.describe()}", flush=True)
+              f"{'GPU' if worker.use_gpu else 'CPU fp32'}, ZeRO-{config.zero_stage}; {trainable.describe()}"
+              f"{'; ' + worker.quantized.describe() if worker.quantized else ''}", flush=True)
 
 
 def _open_metrics(worker: _Worker) -> None:
