@@ -37,9 +37,13 @@ def _quiet_libraries() -> None:
     command that loads no model never imports them (seconds per command), and Ray workers started
     from here inherit the same quiet."""
     import importlib
+    import logging
     import os
     import warnings
 
+    # torchao (the [quant] extra; diffusers imports it whenever it is installed) logs a warning for
+    # each CUDA kernel a CPU-only torch cannot load; the weight-only path uses none of them
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     # AutoencoderOobleck still builds with torch's older weight_norm; nothing for a user to do
     warnings.filterwarnings("ignore", message=".*weight_norm.*is deprecated", category=FutureWarning)
     for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),

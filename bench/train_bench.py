@@ -5,12 +5,16 @@ measured against a baseline in the same run.
     python bench/train_bench.py loader       # samples/s one worker reads from shards at the real dimensions
     python bench/train_bench.py cached-condition  # LoRA step time, condition cached by prep vs in the loop,
                                                   # at the real 2B DiT / condition encoder sizes
+    python bench/train_bench.py frozen-base  # memory of a LoRA step on the real 2B DiT, its frozen base
+                                             # stored in bf16 vs int8 (and fp8, and float32), one
+                                             # fresh process each
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -179,12 +183,136 @@ def cached_condition(clip_seconds: float = 30.0, lyric_tokens: int = 300, text_t
             "condition_mb_per_sample_bf16": round(2 * sample["condition_states"].numel() / 1e6, 2)}
 
 
+FROZEN_BASE_MODES = ("bf16", "int8-torchao", "fp8-torchao", "float32")
+
+
+def _memory_status(field: str) -> int:
+    """A /proc/self/status size in bytes (VmRSS: resident now; VmHWM: the peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) -> dict:
+    """One LoRA step (batch 1, forward + backward + AdamW) of the real 2B DiT with random weights,
+    its frozen linear layers stored as ``mode``, the condition cached (so the DiT is the only
+    frozen model held); compute in float32 throughout (bf16 matmuls are ~190x slower on this CPU:
+    every stored form is expanded to float32 one layer at a time by the same code, so the modes
+    differ in what is stored only). Resident memory after the base is converted, and the peak of
+    the step above it, from the kernel's own counters."""
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+
+    from acestep_dist.families.ace_step_15 import AceStep15
+    from acestep_dist.families.ace_step_15.loading import AceStep15Components
+    from acestep_dist.families.ace_step_15.training import AceStep15Trainable
+    from acestep_dist.families.ace_step_15.variants import variant_spec
+    from acestep_dist.train.frozen_precision import FrozenQuantizedLinear, _stored_bytes, quantize_frozen_base
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    _release_freed_memory()
+    before_model = _memory_status("VmRSS")
+    transformer = AceStepTransformer1DModel()  # diffusers' defaults are the 2B turbo DiT
+    hidden = transformer.config.hidden_size
+    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
+                                     transformer_config=dict(transformer.config),
+                                     null_condition=torch.zeros(1, 1, hidden),
+                                     silence_latent=torch.zeros(1, 750, REAL_LATENT_DIM))
+    family = AceStep15(components)
+    trainable = AceStep15Trainable(family, TrainConfig(lr_warmup_steps=0), ACE15.train_options(), cached_condition=True)
+    module = trainable.module
+    if mode in ("int8-torchao", "fp8-torchao"):
+        quantize_frozen_base(module, mode)
+    elif mode == "bf16":  # the same layer, its weight stored in bf16 (expanded to float32 per matmul)
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and not child.weight.requires_grad:
+                    setattr(parent, name, FrozenQuantizedLinear(child, child.weight.detach().to(torch.bfloat16)))
+    _release_freed_memory()
+    resident = _memory_status("VmRSS") - before_model
+    frozen_linear = [m.weight for m in module.modules()
+                     if (type(m) is torch.nn.Linear and not m.weight.requires_grad) or isinstance(m, FrozenQuantizedLinear)]
+    frozen_linear_bytes = sum(_stored_bytes(w) for w in frozen_linear)
+    other_frozen_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad
+                             and not any(p is w for w in frozen_linear))
+    frames = int(clip_seconds * FRAMES_PER_SECOND)
+    sample = {"latent_mean": torch.randn(frames, REAL_LATENT_DIM), "latent_std": torch.rand(frames, REAL_LATENT_DIM),
+              "text_states": torch.randn(100, REAL_TEXT_DIM).to(torch.bfloat16),
+              "lyric_ids": torch.randint(0, 151643, (300,), dtype=torch.int32),
+              "condition_states": torch.randn(401, hidden).to(torch.bfloat16)}
+    batch = family.collate([sample])
+    parameters = [p for group in trainable.param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    peaks, times = [], []
+    for step in range(2):  # the first also allocates AdamW's states; the second is a steady step
+        _release_freed_memory()
+        start_rss = _memory_status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        start = time.perf_counter()
+        loss, _, _ = module(batch, [torch.Generator().manual_seed(step)])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+        peaks.append(_memory_status("VmHWM") - start_rss)
+    _release_freed_memory()
+    return {"mode": mode, "clip_seconds": clip_seconds, "frozen_linear_weights": sum(w.numel() for w in frozen_linear),
+            "frozen_linear_gb": frozen_linear_bytes / 1e9, "other_frozen_gb": other_frozen_bytes / 1e9,
+            "resident_model_gb": resident / 1e9, "trainable_parameters": sum(p.numel() for p in parameters),
+            "step_peak_above_start_gb": peaks[-1] / 1e9, "step_peak_gb": (_memory_status("VmRSS") - before_model
+                                                                          + peaks[-1]) / 1e9,
+            "step_s": times[-1], "loss": float(loss.detach())}
+
+
+def frozen_base(clip_seconds: float = 10.0) -> dict:
+    """``frozen_base_worker`` for each mode in a fresh process (a process's peak never goes down);
+    the ratios are against the bf16 base measured the same way."""
+    import subprocess
+    import sys
+
+    results = {}
+    for mode in FROZEN_BASE_MODES:
+        # glibc's malloc raises its mmap threshold as large blocks are freed, and then keeps the
+        # freed layer-sized blocks of a step in its heap: a fixed threshold returns them at once, so
+        # the peak counts live tensors (as GPU memory would), not the allocator's leftovers
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        out = subprocess.run([sys.executable, __file__, "frozen-base-worker", "--mode", mode, "--clip-seconds",
+                              str(clip_seconds)], check=True, capture_output=True, text=True, env=env).stdout
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+    bf16 = results["bf16"]
+    for mode, result in results.items():
+        # the frozen weights' share of a step: what the base holds resident (the step's own memory,
+        # activations and adapter states, is the same in every mode: see step_peak_above_start_gb)
+        result["frozen_share_vs_bf16"] = round(result["resident_model_gb"] / bf16["resident_model_gb"], 3)
+        result["step_peak_vs_bf16"] = round(result["step_peak_gb"] / bf16["step_peak_gb"], 3)
+        result["step_time_vs_bf16"] = round(result["step_s"] / bf16["step_s"], 3)
+        for key, value in list(result.items()):
+            if isinstance(value, float):
+                result[key] = round(value, 3)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["step-time", "loader", "cached-condition"])
+    parser.add_argument("which", choices=["step-time", "loader", "cached-condition", "frozen-base",
+                                          "frozen-base-worker"])
     parser.add_argument("--clip-seconds", type=float, default=None)
+    parser.add_argument("--mode", choices=FROZEN_BASE_MODES, default="bf16", help="frozen-base-worker")
     args = parser.parse_args()
-    runners = {"step-time": step_time, "loader": loader, "cached-condition": cached_condition}
+    if args.which == "frozen-base-worker":  # one line of JSON for frozen-base
+        print(json.dumps(frozen_base_worker(args.mode, args.clip_seconds or 10.0)))
+        return
+    runners = {"step-time": step_time, "loader": loader, "cached-condition": cached_condition,
+               "frozen-base": frozen_base}
     if args.clip_seconds is not None:
         print(json.dumps({args.which: runners[args.which](clip_seconds=args.clip_seconds)}, indent=1))
         return

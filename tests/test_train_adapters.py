@@ -1,7 +1,8 @@
-"""DoRA, LoKr and LoHa through the real training stage (Ray Train, DeepSpeed ZeRO-2) on the tiny
-ACE-Step 1.5 model: each trains and its export reads back as the trained adapter in every format; a
-LoKr run on two workers, one of which dies after the middle checkpoint, ends with the weights of the same
-run uninterrupted (ZeRO-2's optimizer partitions of both ranks restored, the replaced rank included)."""
+"""DoRA, LoKr and LoHa through the real training stage (Ray Train, DeepSpeed) on the tiny ACE-Step 1.5
+model: each trains and its export reads back as the trained adapter in every format; a LoKr run on an
+int8 base on two workers, one of which dies after the middle checkpoint, ends with the weights of the
+same run uninterrupted (ZeRO-2's optimizer partitions of both ranks restored, the replaced rank
+included, the base quantized again identically); LoHa trains on an fp8 base under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ torch.set_num_threads(1)
 KINDS = {"dora": dict(adapter="dora", lora_rank=4, lora_alpha=8.0,
                       use_ema=True, ema_decay=0.5),  # and the weight average under ZeRO-2
          "lokr": dict(adapter="lokr", lora_rank=2, lora_alpha=4.0, lokr_decompose_both=True,
-                      adapter_module_dropout=0.2),  # the module dropout draws are keyed too: resume stays exact
-         "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0,
-                      optimizer="adafactor")}  # and an optimizer DeepSpeed's ZeRO-2 was not tested with
+                      adapter_module_dropout=0.2,  # the module dropout draws are keyed too: resume stays exact
+                      base_model_precision="int8-torchao"),
+         "loha": dict(adapter="loha", lora_rank=4, lora_alpha=8.0, zero_stage=3, base_model_precision="fp8-torchao",
+                      optimizer="adafactor")}  # and an optimizer DeepSpeed's ZeRO was not tested with
 
 
 @pytest.mark.slow
@@ -44,6 +46,12 @@ def test_an_adapter_kind_trains_and_exports(kind, tmp_path, train_shards, prep_m
     assert trained.spec.kind == kind and trained.spec.rank == config.lora_rank
     state = json.loads((whole / "final" / "acedist_state.json").read_text())
     assert state["config"]["adapter"] == kind and state["config"]["optimizer"] == config.optimizer
+    if kind != "dora":  # LoKr and LoHa trained on a quantized base: every worker says what it quantized
+        frozen = state["frozen_base"]
+        assert frozen["precision"] == config.base_model_precision and frozen["layers"] > 0
+        assert frozen["bytes_after"] < 0.3 * frozen["bytes_before"]
+    else:
+        assert "frozen_base" not in state
 
     # it trained: the part peft starts at zero (so the adapter starts as no change) has moved
     zero_at_start = {"dora": "lora_B.weight", "lokr": "lokr_w1_a", "loha": "hada_w2_a"}[kind]

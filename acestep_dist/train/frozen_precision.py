@@ -21,7 +21,6 @@ optimum-quanto (SimpleTuner's ``int8-quanto``) is refused with the reason (``con
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,10 +96,6 @@ class QuantizedBase:
 
 
 def _torchao_config(precision: str):
-    # torchao loads CUDA kernels at import and logs a warning for each one a CPU-only torch cannot
-    # load; the weight-only path here uses none of them
-    if not torch.cuda.is_available():
-        logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError as error:

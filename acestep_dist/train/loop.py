@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +356,8 @@ def _checkpoint(worker: _Worker, done: int) -> None:
                      "model_type": config.model_type,
                      "weights": weights, "config": config.model_dump(), "family_options": job["family_options"],
                      "world_size": worker.world, "started_at_step": worker.start_step}
+            if worker.quantized is not None:  # what the run trained on top of
+                state["frozen_base"] = asdict(worker.quantized)
             if worker.average is not None:
                 state["ema"] = {"decay": config.ema_decay}
                 _save_average(worker, Path(folder), state)

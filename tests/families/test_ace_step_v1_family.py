@@ -241,6 +241,39 @@ def test_every_adapter_kind_learns_from_the_loss_and_saves_as_trained(adapter, v
         torch.testing.assert_close(saved.state[key], value, rtol=1e-6, atol=1e-7)
 
 
+def test_a_lora_trains_on_an_int8_base_of_every_frozen_module(v1_shards, v1_model):
+    """The frozen base in 8 bits is the training stage's (family-blind): here on v1's modules (its
+    own DiT with linear attention, the lyric encoder, the speaker and genre projections)."""
+    from acestep_dist.families.common import adapter_parameters
+    from acestep_dist.train.data import EpochPlan, SampleReader, open_training_data
+    from acestep_dist.train.frozen_precision import FrozenQuantizedLinear, quantize_frozen_base
+
+    model = FAMILY.load(FAMILY.describe(str(v1_model)), "train")
+    config = _config(base_model_precision="int8-torchao")
+    trainable = model.trainable(config, FAMILY.options(config))
+    report = quantize_frozen_base(trainable.module, config.base_model_precision)
+    quantized = [name for name, m in trainable.module.named_modules() if isinstance(m, FrozenQuantizedLinear)]
+    assert report.layers == len(quantized) and any("lyric" in name for name in quantized)
+    assert not [name for name, m in trainable.module.named_modules()
+                if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    parameters = adapter_parameters(trainable.module)
+    refs = open_training_data(str(v1_shards)).refs
+    reader, plan = SampleReader(refs, FAMILY.schema), EpochPlan(refs, 0, 1, 1, 1)
+    batch = model.collate([reader.read(plan.micro_batch_items(i, 0, 0)[0]) for i in range(2)])
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = trainable.module(batch, generators())[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        losses.append(float(trainable.module(batch, generators())[0]))
+    assert losses[-1] < losses[0], losses
+
+
 def test_training_adapts_upstreams_modules_and_renders_validation_audio(v1_run):
     from acestep_dist.audio import probe_audio
 
