@@ -173,8 +173,11 @@ def prep(source, overrides, model, out, address, config_path, source_type, overw
 @click.option("--resume", is_flag=True, help="continue the run in --output from its last checkpoint")
 @click.option("--loader-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader processes per worker reading shards ahead")
+@click.option("--dry-run", is_flag=True, help="check everything, print the parameter counts and each worker's "
+                                              "estimated peak memory, and stop (no weights are read, nothing is "
+                                              "written)")
 def train(overrides, config_path, data, model, output, nodes, gpus_per_node, workers, address, resume,
-          loader_workers) -> None:
+          loader_workers, dry_run) -> None:
     """Fine-tune MODEL on prepared shards with Ray Train + DeepSpeed. OVERRIDES are key=value settings
     (SimpleTuner's names: learning_rate=1e-4 max_train_steps=2000 lora_rank=16 ...)."""
     from pipelines.train import run_train
@@ -183,7 +186,7 @@ def train(overrides, config_path, data, model, output, nodes, gpus_per_node, wor
 
     config = load_config(TrainConfig, config_path, overrides)
     run_train(config, data, model, output, nodes=nodes, gpus_per_node=gpus_per_node, workers=workers,
-              address=address, resume=resume, loader_workers=loader_workers, log=click.echo)
+              address=address, resume=resume, loader_workers=loader_workers, dry_run=dry_run, log=click.echo)
 
 
 @cli.command()

@@ -5,6 +5,8 @@ measured against a baseline in the same run.
     python bench/train_bench.py loader       # samples/s one worker reads from shards at the real dimensions
     python bench/train_bench.py cached-condition  # LoRA step time, condition cached by prep vs in the loop,
                                                   # at the real 2B DiT / condition encoder sizes
+    python bench/train_bench.py dry-run-accuracy  # --dry-run's memory estimate vs the measured peak of the
+                                                  # same step (real 2B DiT, float32 on CPU)
     python bench/train_bench.py frozen-base  # memory of a LoRA step on the real 2B DiT, its frozen base
                                              # stored in bf16 vs int8 (and fp8, and float32), one
                                              # fresh process each
@@ -202,6 +204,72 @@ def _release_freed_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _real_dit_trainable(device: str, config: TrainConfig | None = None):
+    """The real 2B DiT (diffusers' default config) with random weights and the run's LoRA, its
+    condition cached (the DiT is the only frozen model held), on ``device`` (meta: no memory)."""
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+
+    from acestep_dist.families.ace_step_15 import AceStep15
+    from acestep_dist.families.ace_step_15.loading import AceStep15Components
+    from acestep_dist.families.ace_step_15.training import AceStep15Trainable
+    from acestep_dist.families.ace_step_15.variants import variant_spec
+
+    with torch.device(device):
+        transformer = AceStepTransformer1DModel()
+    hidden = transformer.config.hidden_size
+    # the condition constants are data the loss reads: real (and small) beside a meta DiT
+    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
+                                     transformer_config=dict(transformer.config),
+                                     null_condition=torch.zeros(1, 1, hidden),
+                                     silence_latent=torch.zeros(1, 750, REAL_LATENT_DIM))
+    family = AceStep15(components)
+    config = config or TrainConfig(lr_warmup_steps=0)
+    return family, AceStep15Trainable(family, config, ACE15.train_options(), cached_condition=True)
+
+
+def _real_dit_sample(clip_seconds: float, family) -> dict:
+    """One sample of ``clip_seconds`` with a 100-token caption, 300 lyric tokens and their cached condition."""
+    frames = int(clip_seconds * FRAMES_PER_SECOND)
+    hidden = family.components.transformer_config["hidden_size"]
+    generator = torch.Generator().manual_seed(0)
+    return {"latent_mean": torch.randn(frames, REAL_LATENT_DIM, generator=generator),
+            "latent_std": torch.rand(frames, REAL_LATENT_DIM, generator=generator),
+            "text_states": torch.randn(100, REAL_TEXT_DIM, generator=generator).to(torch.bfloat16),
+            "lyric_ids": torch.randint(0, 151643, (300,), dtype=torch.int32, generator=generator),
+            "condition_states": torch.randn(401, hidden, generator=generator).to(torch.bfloat16)}
+
+
+def dry_run_accuracy(clip_seconds: float = 10.0) -> dict:
+    """``acedist train --dry-run``'s estimate (the model on the meta device, one fake step) against
+    the measured peak of the same LoRA step (``frozen_base_worker`` with the base in float32: one
+    worker, AdamW, float32 on CPU, as ZeRO-0 holds it), at the real 2B DiT's sizes."""
+    import subprocess
+    import sys
+
+    from acestep_dist.train.memory_estimate import estimate_trainable
+
+    config = TrainConfig(lr_warmup_steps=0, zero_stage=0)
+    family, trainable = _real_dit_trainable("meta", config)
+    start = time.perf_counter()
+    estimate = estimate_trainable(trainable, family.collate([_real_dit_sample(clip_seconds, family)]), 1,
+                                  [torch.Generator().manual_seed(1)], config, world=1, use_gpu=False, setting="bench")
+    estimate_s = time.perf_counter() - start
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see frozen_base
+    out = subprocess.run([sys.executable, __file__, "frozen-base-worker", "--mode", "float32", "--clip-seconds",
+                          str(clip_seconds)], check=True, capture_output=True, text=True, env=env).stdout
+    measured = json.loads(out.strip().splitlines()[-1])
+    weights = sum(size for name, size in estimate.gpu if "weights" in name)
+    step_estimate = estimate.steady - weights  # gradients, optimizer states, activations
+    step_measured = measured["step_peak_gb"] * 1e9 - measured["resident_model_gb"] * 1e9
+    return {"clip_seconds": clip_seconds, "estimated_peak_gb": round(estimate.steady / 1e9, 3),
+            "measured_peak_gb": measured["step_peak_gb"],
+            "peak_ratio": round(estimate.steady / (measured["step_peak_gb"] * 1e9), 3),
+            "estimated_step_gb": round(step_estimate / 1e9, 3), "measured_step_gb": round(step_measured / 1e9, 3),
+            "step_ratio": round(step_estimate / step_measured, 3),
+            "estimated_weights_gb": round(weights / 1e9, 3), "measured_resident_model_gb": measured["resident_model_gb"],
+            "estimate_seconds": round(estimate_s, 1), "lines": [(name, round(size / 1e9, 3)) for name, size in estimate.gpu]}
+
+
 def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) -> dict:
     """One LoRA step (batch 1, forward + backward + AdamW) of the real 2B DiT with random weights,
     its frozen linear layers stored as ``mode``, the condition cached (so the DiT is the only
@@ -209,26 +277,13 @@ def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) 
     every stored form is expanded to float32 one layer at a time by the same code, so the modes
     differ in what is stored only). Resident memory after the base is converted, and the peak of
     the step above it, from the kernel's own counters."""
-    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-
-    from acestep_dist.families.ace_step_15 import AceStep15
-    from acestep_dist.families.ace_step_15.loading import AceStep15Components
-    from acestep_dist.families.ace_step_15.training import AceStep15Trainable
-    from acestep_dist.families.ace_step_15.variants import variant_spec
     from acestep_dist.train.frozen_precision import FrozenQuantizedLinear, _stored_bytes, quantize_frozen_base
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     _release_freed_memory()
     before_model = _memory_status("VmRSS")
-    transformer = AceStepTransformer1DModel()  # diffusers' defaults are the 2B turbo DiT
-    hidden = transformer.config.hidden_size
-    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
-                                     transformer_config=dict(transformer.config),
-                                     null_condition=torch.zeros(1, 1, hidden),
-                                     silence_latent=torch.zeros(1, 750, REAL_LATENT_DIM))
-    family = AceStep15(components)
-    trainable = AceStep15Trainable(family, TrainConfig(lr_warmup_steps=0), ACE15.train_options(), cached_condition=True)
+    family, trainable = _real_dit_trainable("cpu")
     module = trainable.module
     if mode in ("int8-torchao", "fp8-torchao"):
         quantize_frozen_base(module, mode)
@@ -244,12 +299,7 @@ def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) 
     frozen_linear_bytes = sum(_stored_bytes(w) for w in frozen_linear)
     other_frozen_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad
                              and not any(p is w for w in frozen_linear))
-    frames = int(clip_seconds * FRAMES_PER_SECOND)
-    sample = {"latent_mean": torch.randn(frames, REAL_LATENT_DIM), "latent_std": torch.rand(frames, REAL_LATENT_DIM),
-              "text_states": torch.randn(100, REAL_TEXT_DIM).to(torch.bfloat16),
-              "lyric_ids": torch.randint(0, 151643, (300,), dtype=torch.int32),
-              "condition_states": torch.randn(401, hidden).to(torch.bfloat16)}
-    batch = family.collate([sample])
+    batch = family.collate([_real_dit_sample(clip_seconds, family)])
     parameters = [p for group in trainable.param_groups for p in group["params"]]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     peaks, times = [], []
@@ -304,7 +354,7 @@ def frozen_base(clip_seconds: float = 10.0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["step-time", "loader", "cached-condition", "frozen-base",
-                                          "frozen-base-worker"])
+                                          "frozen-base-worker", "dry-run-accuracy"])
     parser.add_argument("--clip-seconds", type=float, default=None)
     parser.add_argument("--mode", choices=FROZEN_BASE_MODES, default="bf16", help="frozen-base-worker")
     args = parser.parse_args()
@@ -312,7 +362,7 @@ def main() -> None:
         print(json.dumps(frozen_base_worker(args.mode, args.clip_seconds or 10.0)))
         return
     runners = {"step-time": step_time, "loader": loader, "cached-condition": cached_condition,
-               "frozen-base": frozen_base}
+               "frozen-base": frozen_base, "dry-run-accuracy": dry_run_accuracy}
     if args.clip_seconds is not None:
         print(json.dumps({args.which: runners[args.which](clip_seconds=args.clip_seconds)}, indent=1))
         return

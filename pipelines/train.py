@@ -34,6 +34,7 @@ class TrainResult:
     run: str
     final: str | None  # folder with the trained weights
     steps: int
+    estimate: Any = None  # --dry-run: the MemoryEstimate (nothing trained)
 
 
 def _worker_failure(error: Exception) -> str:
@@ -141,7 +142,12 @@ class _Checked:
     use_gpu: bool
     plan: EpochPlan
     model_ref: str  # what the workers load
-    schema_version: int  # of the samples in --data (their family is the model's)
+    schema: Any  # of the samples in --data (their family is the model's)
+    stored: dict  # the optional tensors every sample holds (TrainingData.stored)
+
+    @property
+    def schema_version(self) -> int:
+        return self.schema.version
 
 
 @dataclass
@@ -180,7 +186,7 @@ def _check_on_driver(config: TrainConfig, data: str, model: str, output: str, no
     verify_training_shards(data, training, log=log)
     plan = EpochPlan(training.refs, config.seed, config.train_batch_size, config.gradient_accumulation_steps, world)
     return _Checked(config, data, model, output, family, description, options, recipe, training.refs, scaling, world,
-                    use_gpu, plan, worker_reference(model, description), training.schema.version)
+                    use_gpu, plan, worker_reference(model, description), training.schema, training.stored)
 
 
 def _open_run_folder(output: str) -> _RunFolder:
@@ -264,6 +270,35 @@ def _publish_final_checkpoint(run: _RunFolder, result, resume_from: str | None, 
     return TrainResult(run.url, final_url, int(state["step"]))
 
 
+def _dry_run(checked: _Checked):
+    """The report of ``acedist train --dry-run``: counts and one worker's estimated memory, from the
+    model built without weights and one fake step over a micro-batch of the data's largest sample."""
+    from acestep_dist.flow import per_sample_generators
+    from acestep_dist.train.data import Item, SampleReader
+    from acestep_dist.train.memory_estimate import estimate
+
+    config = checked.config
+    largest = max(range(len(checked.refs)), key=lambda index: checked.refs[index].tensor_size)
+    reader = SampleReader(checked.refs, checked.schema)
+    try:
+        sample = reader.read(Item(largest, 0, 0, 0))
+    finally:
+        reader.close()
+    samples = [sample] * config.train_batch_size
+    trained = (f"{config.adapter} r{config.lora_rank} ({config.lora_preset})" if config.model_type == "lora"
+               else "full fine-tune")
+    setting = (f"{checked.family.title} {checked.description.variant}, {trained}, {checked.world} worker(s) on "
+               f"{'GPU' if checked.use_gpu else 'CPU'}, ZeRO-{config.zero_stage}, "
+               f"{config.mixed_precision if checked.use_gpu else 'fp32'}, optimizer {config.optimizer}"
+               f"{', gradient checkpointing' if config.gradient_checkpointing else ''}")
+    result = estimate(checked.family, checked.description, config, checked.options, checked.stored,
+                      samples, per_sample_generators(range(len(samples))), world=checked.world,
+                      use_gpu=checked.use_gpu, setting=setting)
+    audio = next(spec for spec in checked.schema.tensors if spec.length == "frames" and not spec.optional)
+    result.sample_seconds = sample[audio.name].shape[audio.axis] / checked.description.frames_per_second
+    return result
+
+
 def run_train(
     config: TrainConfig,
     data: str,
@@ -276,9 +311,14 @@ def run_train(
     address: str | None = None,
     resume: bool = False,
     loader_workers: int = 0,
+    dry_run: bool = False,
     log=print,
 ) -> TrainResult:
     checked = _check_on_driver(config, data, model, output, nodes, gpus_per_node, workers, log)
+    if dry_run:
+        estimate = _dry_run(checked)
+        log(estimate.render("GPU" if checked.use_gpu else "CPU"))
+        return TrainResult(run=checked.output, final=None, steps=0, estimate=estimate)
     config = checked.config
     run = _open_run_folder(checked.output)
     earlier, resume_from = _choose_resume(run, resume, checked, log)

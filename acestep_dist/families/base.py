@@ -331,7 +331,9 @@ class Family(ABC):
     @abstractmethod
     def load(self, description: ModelDescription, purpose: str, *, dtype=None, device: str = "cpu") -> FamilyModel:
         """Load the parts ``purpose`` needs: "encode-audio", "encode-text", "train", "validate"
-        (train + what renders), "generate", "export"."""
+        (train + what renders), "generate", "export". On ``device="meta"`` (``acedist train
+        --dry-run``: counts and a fake step) the parts need the right shapes only: build them from
+        their configs without reading weights where the family can."""
 
     def sample_bytes(self, description: ModelDescription, seconds: float,
                      options: FamilyOptions | None = None) -> float:

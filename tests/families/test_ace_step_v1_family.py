@@ -274,6 +274,19 @@ def test_a_lora_trains_on_an_int8_base_of_every_frozen_module(v1_shards, v1_mode
     assert losses[-1] < losses[0], losses
 
 
+def test_dry_run_counts_v1s_parameters_without_reading_weights(v1_shards, v1_model, tmp_path):
+    from pipelines.train import run_train
+
+    config = _config()
+    result = run_train(config, str(v1_shards), str(v1_model), str(tmp_path / "run"), dry_run=True, log=lambda _: None)
+    module = FAMILY.load(FAMILY.describe(str(v1_model)), "train").trainable(config, FAMILY.options(config)).module
+    expected = [(name, sum(p.numel() for p in child.parameters()),
+                 sum(p.numel() for p in child.parameters() if p.requires_grad))
+                for name, child in module.named_children() if list(child.parameters())]
+    assert result.estimate.parameters == expected and result.estimate.activations > 0
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_adapts_upstreams_modules_and_renders_validation_audio(v1_run):
     from acestep_dist.audio import probe_audio
 

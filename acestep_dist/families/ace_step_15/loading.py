@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -152,18 +153,23 @@ def load_components(
     if unknown:
         raise ValueError(f"unknown component(s) {sorted(unknown)}; known: {(*ALL_PARTS, CONDITION_CONSTANTS)}")
     folder, layout = resolve_checkpoint(path_or_id, local_files_only=local_files_only)
+    # on the meta device the parts are built from their configs and no weight is read (what
+    # ``acedist train --dry-run`` sizes)
+    weights = torch.device(device).type != "meta"
     if layout == "diffusers":
-        components = _load_diffusers(folder, parts, dtype)
+        components = _load_diffusers(folder, parts, dtype, weights)
     else:
-        components = _load_upstream(folder, parts, dtype)
+        components = _load_upstream(folder, parts, dtype, weights)
     for name in ("transformer", "condition_encoder", "vae", "text_encoder") + AUDIO_CODEC_PARTS:
         module = getattr(components, name)
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     if CONDITION_CONSTANTS in parts:
         constants = read_condition_tensors(folder, layout, (NULL_CONDITION_KEY, SILENCE_LATENT_KEY))
-        components.null_condition = constants[NULL_CONDITION_KEY].to(device, dtype)
-        components.silence_latent = constants[SILENCE_LATENT_KEY].to(device, dtype)
+        # small, and read as data by the loss: real even beside meta parts
+        where = device if weights else "cpu"
+        components.null_condition = constants[NULL_CONDITION_KEY].to(where, dtype)
+        components.silence_latent = constants[SILENCE_LATENT_KEY].to(where, dtype)
     return components
 
 
@@ -261,17 +267,43 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"cannot read {path}: {error}") from error
 
 
-def _load_text_parts(folder: Path, parts, dtype, components: AceStep15Components, *, tokenizer_folder: Path) -> None:
-    from transformers import AutoModel, AutoTokenizer
+def _load_text_parts(folder: Path, parts, dtype, components: AceStep15Components, *, tokenizer_folder: Path,
+                     weights: bool = True) -> None:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if "text_encoder" in parts:
         # Qwen3Model through AutoModel: the architecture comes from config.json, never from remote code.
-        components.text_encoder = AutoModel.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+        if weights:
+            components.text_encoder = AutoModel.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+        else:
+            with _on_meta(dtype):
+                components.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False),
+                                                                trust_remote_code=False)
     if "tokenizer" in parts:
         components.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=False)
 
 
-def _load_diffusers(root: Path, parts, dtype) -> AceStep15Components:
+@contextmanager
+def _on_meta(dtype):
+    """Modules built in here hold meta tensors of ``dtype`` (no memory, no weights read)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _pretrained(cls, root: Path, subfolder: str, dtype, weights: bool):
+    """A diffusers model from its folder, or (``weights`` False) built from its config on the meta device."""
+    if weights:
+        return cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype)
+    with _on_meta(dtype):
+        return cls.from_config(cls.load_config(root, subfolder=subfolder))
+
+
+def _load_diffusers(root: Path, parts, dtype, weights: bool = True) -> AceStep15Components:
     from diffusers import AutoencoderOobleck
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
     from diffusers.pipelines.ace_step import AceStepConditionEncoder
@@ -284,19 +316,18 @@ def _load_diffusers(root: Path, parts, dtype) -> AceStep15Components:
         transformer_config=transformer_config,
     )
     if "transformer" in parts:
-        components.transformer = AceStepTransformer1DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+        components.transformer = _pretrained(AceStepTransformer1DModel, root, "transformer", dtype, weights)
     if "condition_encoder" in parts:
-        components.condition_encoder = AceStepConditionEncoder.from_pretrained(
-            root, subfolder="condition_encoder", torch_dtype=dtype
-        )
+        components.condition_encoder = _pretrained(AceStepConditionEncoder, root, "condition_encoder", dtype, weights)
     if "vae" in parts:
-        components.vae = AutoencoderOobleck.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
-    _load_text_parts(root / "text_encoder", parts, dtype, components, tokenizer_folder=root / "tokenizer")
+        components.vae = _pretrained(AutoencoderOobleck, root, "vae", dtype, weights)
+    _load_text_parts(root / "text_encoder", parts, dtype, components, tokenizer_folder=root / "tokenizer",
+                     weights=weights)
     from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenDetokenizer, AceStepAudioTokenizer
 
     for name, cls in zip(AUDIO_CODEC_PARTS, (AceStepAudioTokenizer, AceStepAudioTokenDetokenizer)):
         if name in parts and (root / name / "config.json").is_file():
-            setattr(components, name, cls.from_pretrained(root, subfolder=name, torch_dtype=dtype))
+            setattr(components, name, _pretrained(cls, root, name, dtype, weights))
     return components
 
 
@@ -339,7 +370,7 @@ def _load_silence_latent(variant_dir: Path) -> torch.Tensor | None:
     return raw.transpose(1, 2).contiguous()  # upstream stores [1, C, T]; the encoder keeps [1, T, C]
 
 
-def _load_upstream(variant_dir: Path, parts, dtype) -> AceStep15Components:
+def _load_upstream(variant_dir: Path, parts, dtype, weights: bool = True) -> AceStep15Components:
     from diffusers import AutoencoderOobleck
     from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
     from diffusers.pipelines.ace_step import AceStepConditionEncoder
@@ -356,7 +387,13 @@ def _load_upstream(variant_dir: Path, parts, dtype) -> AceStep15Components:
         layout="upstream",
         transformer_config=dit_config,
     )
-    if "transformer" in parts or "condition_encoder" in parts:
+    if not weights:  # built from the configs on the meta device
+        with _on_meta(dtype):
+            if "transformer" in parts:
+                components.transformer = _from_config(AceStepTransformer1DModel, dit_config)
+            if "condition_encoder" in parts:
+                components.condition_encoder = _from_config(AceStepConditionEncoder, condition_config)
+    elif "transformer" in parts or "condition_encoder" in parts:
         prefixes = (("decoder.",) if "transformer" in parts else ()) + (
             ("encoder.", NULL_CONDITION_KEY) if "condition_encoder" in parts else ())
         transformer_sd, condition_sd, _ignored = upstream_to_diffusers(_load_upstream_state_dict(variant_dir, prefixes))
@@ -374,16 +411,20 @@ def _load_upstream(variant_dir: Path, parts, dtype) -> AceStep15Components:
         vae_dir = root / "vae"
         if not vae_dir.is_dir():
             raise ModelLoadError(f"upstream layout: no vae/ folder beside {variant_dir}")
-        components.vae = AutoencoderOobleck.from_pretrained(vae_dir, torch_dtype=dtype)
+        components.vae = _pretrained(AutoencoderOobleck, vae_dir, None, dtype, weights)
     text_dir = root / UPSTREAM_TEXT_ENCODER_DIR
     if ("text_encoder" in parts or "tokenizer" in parts) and not text_dir.is_dir():
         raise ModelLoadError(f"upstream layout: no {UPSTREAM_TEXT_ENCODER_DIR}/ folder beside {variant_dir}")
-    _load_text_parts(text_dir, parts, dtype, components, tokenizer_folder=text_dir)
+    _load_text_parts(text_dir, parts, dtype, components, tokenizer_folder=text_dir, weights=weights)
     return components
 
 
+def _from_config(cls, config: dict):
+    return cls(**{k: v for k, v in config.items() if v is not None})
+
+
 def _instantiate(cls, config: dict, state_dict: dict, dtype, where: Path, optional: set[str] = frozenset()):
-    model = cls(**{k: v for k, v in config.items() if v is not None})
+    model = _from_config(cls, config)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state_dict) - set(optional))
     unexpected = sorted(set(state_dict) - expected)

@@ -108,11 +108,19 @@ def load_components(path_or_id: str | os.PathLike, parts: Iterable[str] = ALL_PA
     folder = resolve_checkpoint(path_or_id)
     dtype = dtype or torch.float32
     components = V1Components(source=str(folder), transformer_config=read_json(folder / TRANSFORMER_DIR / "config.json"))
+    # on the meta device the DiT is built from its config and no weight is read (what
+    # ``acedist train --dry-run`` sizes)
+    weights = torch.device(device).type != "meta"
     try:
         if "transformer" in parts:
             from .transformer import ACEStepTransformer2DModel
 
-            components.transformer = ACEStepTransformer2DModel.from_pretrained(str(folder / TRANSFORMER_DIR))
+            if weights:
+                components.transformer = ACEStepTransformer2DModel.from_pretrained(str(folder / TRANSFORMER_DIR))
+            else:
+                with torch.device("meta"):
+                    components.transformer = ACEStepTransformer2DModel.from_config(
+                        ACEStepTransformer2DModel.load_config(str(folder / TRANSFORMER_DIR)))
         if "dcae" in parts:
             from .dcae import MusicDCAE
 
