@@ -19,20 +19,21 @@ from common import ACE15, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM  # n
 
 from acestep_dist.config import TrainConfig  # noqa: E402
 
+# (title, settings, workers, condition cached, same step as the row before: its activations reused)
 SETTINGS = [
-    ("LoRA r64, AdamW, condition in the loop", dict(lora_rank=64, lora_alpha=64), 1, False),
-    ("+ gradient checkpointing", dict(lora_rank=64, lora_alpha=64, gradient_checkpointing=True), 1, False),
+    ("LoRA r64, AdamW, condition in the loop", dict(lora_rank=64, lora_alpha=64), 1, False, False),
+    ("+ gradient checkpointing", dict(lora_rank=64, lora_alpha=64, gradient_checkpointing=True), 1, False, False),
     ("+ cached condition (prep cache_condition=true)", dict(lora_rank=64, lora_alpha=64, gradient_checkpointing=True),
-     1, True),
+     1, True, False),
     ("+ int8 base (base_model_precision: int8-torchao)",
-     dict(lora_rank=64, lora_alpha=64, gradient_checkpointing=True, base_model_precision="int8-torchao"), 1, True),
+     dict(lora_rank=64, lora_alpha=64, gradient_checkpointing=True, base_model_precision="int8-torchao"), 1, True, True),
     ("+ adamw8bit, rank 16",
      dict(lora_rank=16, lora_alpha=16, gradient_checkpointing=True, base_model_precision="int8-torchao",
-          optimizer="adamw8bit"), 1, True),
-    ("full fine-tune, ZeRO-2, 8 GPUs, checkpointing, cached", dict(model_type="full", gradient_checkpointing=True),
-     8, True),
+          optimizer="adamw8bit"), 1, True, True),
+    ("full fine-tune of the DiT, ZeRO-2, 8 GPUs, checkpointing, cached",
+     dict(model_type="full", gradient_checkpointing=True), 8, True, False),
     ("full fine-tune, ZeRO-3, 8 GPUs, optimizer offloaded, checkpointing, cached",
-     dict(model_type="full", gradient_checkpointing=True, zero_stage=3, offload_optimizer=True), 8, True),
+     dict(model_type="full", gradient_checkpointing=True, zero_stage=3, offload_optimizer=True), 8, True, True),
 ]
 
 
@@ -84,18 +85,26 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip-seconds", type=float, default=30.0)
+    parser.add_argument("--rows", default=None, help="row numbers to estimate, e.g. 3-5 (default: all); a row "
+                                                      "reusing the one before starts from it")
     args = parser.parse_args()
+    first, _, last = (args.rows or f"1-{len(SETTINGS)}").partition("-")
+    wanted = range(int(first), int(last or first) + 1)
     print(f"| ACE-Step 1.5 2B, {args.clip_seconds:g} s clips, bf16 | workers | est. peak per GPU | "
           + " | ".join(f"{size} GB" for size in GPU_SIZES_GB) + " |")
     print("|---|---|---|" + "---|" * len(GPU_SIZES_GB))
-    for title, settings, workers, cached in SETTINGS:
+    activations = None
+    for number, (title, settings, workers, cached, same_step) in enumerate(SETTINGS, start=1):
+        if number not in wanted:
+            continue
         config = TrainConfig(lr_warmup_steps=0, **settings)
         family, trainable = _trainable(config, cached)
         batch = family.collate([_sample(args.clip_seconds, family.components.transformer_config["hidden_size"],
                                         cached)] * config.train_batch_size)
         generators = [torch.Generator().manual_seed(i) for i in range(config.train_batch_size)]
         estimate = estimate_trainable(trainable, batch, config.train_batch_size, generators, config, world=workers,
-                                      use_gpu=True, setting=title)
+                                      use_gpu=True, setting=title, activations=activations if same_step else None)
+        activations = estimate.activations
         fits = estimate.fits()
         print(f"| {title} | {workers} | {estimate.peak / GB:.1f} GB | "
               + " | ".join("yes" if size in fits else "no" for size in GPU_SIZES_GB) + " |", flush=True)

@@ -227,8 +227,9 @@ def estimate(family, description, config, options, stored, samples: Sequence[dic
 
 
 def estimate_trainable(trainable, batch, batch_size: int, generators, config, *, world: int, use_gpu: bool,
-                       setting: str) -> MemoryEstimate:
-    """The estimate for a trainable built on the meta device (its module is used up)."""
+                       setting: str, activations: float | None = None) -> MemoryEstimate:
+    """The estimate for a trainable built on the meta device (its module is used up). ``activations``:
+    those of an estimate that ran the same step already (the fake step is then skipped)."""
     dtype = compute_dtype(config, use_gpu)
     module = trainable.module
     counts = _module_counts(module)
@@ -245,7 +246,8 @@ def estimate_trainable(trainable, batch, batch_size: int, generators, config, *,
         result.gpu.append(("frozen weights", float(frozen.plain)))
     zero_gpu, result.host = zero_bytes(config, trained, world, dtype)
     result.gpu += zero_gpu
-    result.activations = float(step_activation_bytes(module, batch, generators, dtype))
+    result.activations = (float(step_activation_bytes(module, batch, generators, dtype)) if activations is None
+                          else activations)
     result.gpu.append(("activations and temporaries of a step", result.activations))
     if use_gpu:
         result.gpu.append(("CUDA context and allocator (rule of thumb)", RUNTIME_ALLOWANCE))
