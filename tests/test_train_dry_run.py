@@ -112,3 +112,19 @@ def test_activations_grow_with_the_clip_and_checkpointing_cuts_them(prep_model):
 
     short, long, checkpointed = activations(10, False), activations(60, False), activations(60, True)
     assert short < long and checkpointed < 0.8 * long, (short, long, checkpointed)
+
+
+def test_a_failed_fake_step_is_said_and_the_rest_still_printed(train_shards, prep_model, tmp_path, monkeypatch):
+    from acestep_dist.train import memory_estimate
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("an op fake tensors cannot run")
+
+    monkeypatch.setattr(memory_estimate, "step_activation_bytes", fails)
+    lines: list[str] = []
+    from pipelines.train import run_train
+
+    result = run_train(TrainConfig(**{**TRAIN_COMMON, "lora_rank": 4}), str(train_shards), str(prep_model),
+                       str(tmp_path / "run"), dry_run=True, log=lines.append)
+    assert result.estimate.activations == 0 and "frozen weights" in dict(result.estimate.gpu)
+    assert "activations NOT estimated (the fake step failed: RuntimeError: an op fake tensors cannot run)" in lines[-1]

@@ -50,6 +50,7 @@ class MemoryEstimate:
     activations: float = 0.0
     sample_seconds: float = 0.0
     batch: int = 1
+    activation_problem: str | None = None  # why the fake step failed (activations then count 0)
 
     @property
     def steady(self) -> float:
@@ -72,7 +73,10 @@ class MemoryEstimate:
         lines += [f"    {name:<46}{size / GB:>8.2f} GB" for name, size in self.gpu]
         lines.append(f"    {'= while training':<46}{self.steady / GB:>8.2f} GB")
         lines.append(f"    {'start-up (model loaded before training)':<46}{self.start_up / GB:>8.2f} GB")
-        if self.sample_seconds:
+        if self.activation_problem:
+            lines.append(f"  activations NOT estimated (the fake step failed: {self.activation_problem}); "
+                         f"the totals above leave them out")
+        elif self.sample_seconds:
             per_second = self.activations / (self.batch * self.sample_seconds)
             lines.append(f"  activations: {per_second / 1e6:,.1f} MB per sample-second "
                          f"(batch {self.batch} x {self.sample_seconds:.1f} s, the data's longest sample)")
@@ -183,7 +187,9 @@ def zero_bytes(config, trained: int, world: int, dtype: torch.dtype) -> tuple[li
     mixed = dtype != torch.float32
     split = world if stage >= 1 else 1
     states = OPTIMIZER_STATE_BYTES[config.optimizer] * trained / split
-    master = 4 * trained / split if mixed else 0.0  # fp32 copies of half-precision weights
+    # fp32 copies of the trained weights: of half-precision ones always; ZeRO 1-3 flatten a copy
+    # of their partition even in float32
+    master = 4 * trained / split if mixed or stage >= 1 else 0.0
     gradients = size * trained / (world if stage >= 2 else 1)
     gpu: list[tuple[str, float]] = [
         ("trained weights" + (" (split over workers)" if stage == 3 else ""), size * trained / (world if stage == 3 else 1)),
@@ -246,8 +252,13 @@ def estimate_trainable(trainable, batch, batch_size: int, generators, config, *,
         result.gpu.append(("frozen weights", float(frozen.plain)))
     zero_gpu, result.host = zero_bytes(config, trained, world, dtype)
     result.gpu += zero_gpu
-    result.activations = (float(step_activation_bytes(module, batch, generators, dtype)) if activations is None
-                          else activations)
+    if activations is None:
+        try:
+            activations = float(step_activation_bytes(module, batch, generators, dtype))
+        except Exception as error:  # torch's tracker and fake tensors are young: the rest still stands
+            result.activation_problem = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            activations = 0.0
+    result.activations = activations
     result.gpu.append(("activations and temporaries of a step", result.activations))
     if use_gpu:
         result.gpu.append(("CUDA context and allocator (rule of thumb)", RUNTIME_ALLOWANCE))
