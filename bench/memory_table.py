@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from common import ACE15, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM  # noqa: E402
+from common import real_sample, real_trainable  # noqa: E402
 
 from acestep_dist.config import TrainConfig  # noqa: E402
 
@@ -37,49 +37,6 @@ SETTINGS = [
 ]
 
 
-class _TokenTable(torch.nn.Module):
-    """What training keeps of the text encoder: its token table (Qwen3-0.6B's 151669 x 1024)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed_tokens = torch.nn.Embedding(151669, REAL_TEXT_DIM)
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-
-def _trainable(config: TrainConfig, cached: bool):
-    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-    from diffusers.pipelines.ace_step import AceStepConditionEncoder
-
-    from acestep_dist.families.ace_step_15 import AceStep15
-    from acestep_dist.families.ace_step_15.loading import AceStep15Components
-    from acestep_dist.families.ace_step_15.training import AceStep15Trainable
-    from acestep_dist.families.ace_step_15.variants import variant_spec
-
-    with torch.device("meta"):
-        transformer = AceStepTransformer1DModel()
-        parts = {} if cached else dict(condition_encoder=AceStepConditionEncoder(), text_encoder=_TokenTable())
-    hidden = transformer.config.hidden_size
-    # the condition constants are data the loss reads: real (and small) beside the meta parts
-    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
-                                     transformer_config=dict(transformer.config),
-                                     null_condition=torch.zeros(1, 1, hidden),
-                                     silence_latent=torch.zeros(1, 750, REAL_LATENT_DIM), **parts)
-    family = AceStep15(components)
-    return family, AceStep15Trainable(family, config, ACE15.train_options(), cached_condition=cached)
-
-
-def _sample(clip_seconds: float, hidden: int, cached: bool) -> dict:
-    frames = int(clip_seconds * FRAMES_PER_SECOND)
-    sample = {"latent_mean": torch.zeros(frames, REAL_LATENT_DIM), "latent_std": torch.ones(frames, REAL_LATENT_DIM),
-              "text_states": torch.zeros(100, REAL_TEXT_DIM, dtype=torch.bfloat16),
-              "lyric_ids": torch.ones(300, dtype=torch.int32)}
-    if cached:
-        sample["condition_states"] = torch.zeros(401, hidden, dtype=torch.bfloat16)
-    return sample
-
-
 def main() -> None:
     from acestep_dist.train.memory_estimate import GB, GPU_SIZES_GB, estimate_trainable
 
@@ -98,9 +55,8 @@ def main() -> None:
         if number not in wanted:
             continue
         config = TrainConfig(lr_warmup_steps=0, **settings)
-        family, trainable = _trainable(config, cached)
-        batch = family.collate([_sample(args.clip_seconds, family.components.transformer_config["hidden_size"],
-                                        cached)] * config.train_batch_size)
+        family, trainable = real_trainable("meta", config, cached)
+        batch = family.collate([real_sample(args.clip_seconds, family, cached=cached)] * config.train_batch_size)
         generators = [torch.Generator().manual_seed(i) for i in range(config.train_batch_size)]
         estimate = estimate_trainable(trainable, batch, config.train_batch_size, generators, config, world=workers,
                                       use_gpu=True, setting=title, activations=activations if same_step else None)

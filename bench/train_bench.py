@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import ACE15, CORPUS, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM, pack_tensors  # noqa: E402,F401
+from common import ACE15, CORPUS, FRAMES_PER_SECOND, REAL_LATENT_DIM, REAL_TEXT_DIM, pack_tensors, real_sample, real_trainable  # noqa: E402,F401
 
 from acestep_dist.config import PrepConfig, TrainConfig  # noqa: E402
 from acestep_dist.shards import EncodedSample, write_shard  # noqa: E402
@@ -117,17 +117,6 @@ def loader(samples: int = 256, clip_seconds: float = 60.0, batch: int = 8) -> di
             "mb_per_sample": round(refs[0].tensor_size / 1e6, 3)}
 
 
-class _TokenTable(torch.nn.Module):
-    """What training keeps of the text encoder: its token table (Qwen3-0.6B's 151669 x 1024)."""
-
-    def __init__(self, vocab: int, width: int):
-        super().__init__()
-        self.embed_tokens = torch.nn.Embedding(vocab, width)
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-
 def cached_condition(clip_seconds: float = 30.0, lyric_tokens: int = 300, text_tokens: int = 100,
                      steps: int = 2, threads: int = 2) -> dict:
     """Seconds per LoRA optimizer step (batch 1, forward + backward + AdamW) with the condition
@@ -135,30 +124,14 @@ def cached_condition(clip_seconds: float = 30.0, lyric_tokens: int = 300, text_t
     sample (prep cache_condition), on the real ACE-Step 1.5 2B sizes with random weights in float32
     on CPU. One process, one DiT with its adapter shared by both, the two modes alternating step by
     step so machine noise falls on both alike."""
-    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-    from diffusers.pipelines.ace_step import AceStepConditionEncoder
-
-    from acestep_dist.families.ace_step_15 import AceStep15
-    from acestep_dist.families.ace_step_15.loading import AceStep15Components
-    from acestep_dist.families.ace_step_15.training import AceStep15Trainable, FlowMatchingModule
-    from acestep_dist.families.ace_step_15.variants import variant_spec
+    from acestep_dist.families.ace_step_15.training import FlowMatchingModule
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    transformer = AceStepTransformer1DModel()  # diffusers' defaults are the 2B turbo DiT
-    condition_encoder = AceStepConditionEncoder()  # and its condition encoder
-    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
-                                     condition_encoder=condition_encoder,
-                                     text_encoder=_TokenTable(151669, REAL_TEXT_DIM),
-                                     transformer_config=dict(transformer.config))
-    family = AceStep15(components)
-    config = TrainConfig(lr_warmup_steps=0)
-    in_loop = AceStep15Trainable(family, config, ACE15.train_options())
+    family, in_loop = real_trainable("cpu", TrainConfig(lr_warmup_steps=0), cached=False)
+    condition_encoder = family.components.condition_encoder
     cached = FlowMatchingModule(family, in_loop.recipe, cached_condition=True)  # the same DiT and adapter
-    frames = int(clip_seconds * FRAMES_PER_SECOND)
-    sample = {"latent_mean": torch.randn(frames, REAL_LATENT_DIM), "latent_std": torch.rand(frames, REAL_LATENT_DIM),
-              "text_states": torch.randn(text_tokens, REAL_TEXT_DIM).to(torch.bfloat16),
-              "lyric_ids": torch.randint(0, 151643, (lyric_tokens,), dtype=torch.int32)}
+    sample = real_sample(clip_seconds, family, lyric_tokens, text_tokens, cached=False)
     sample["condition_states"] = family.encode_condition([sample["text_states"]], [sample["lyric_ids"]])[0].to(torch.bfloat16)
     batches = {"in_loop": family.collate([{k: v for k, v in sample.items() if k != "condition_states"}]),
                "cached": family.collate([sample])}
@@ -204,41 +177,6 @@ def _release_freed_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _real_dit_trainable(device: str, config: TrainConfig | None = None):
-    """The real 2B DiT (diffusers' default config) with random weights and the run's LoRA, its
-    condition cached (the DiT is the only frozen model held), on ``device`` (meta: no memory)."""
-    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
-
-    from acestep_dist.families.ace_step_15 import AceStep15
-    from acestep_dist.families.ace_step_15.loading import AceStep15Components
-    from acestep_dist.families.ace_step_15.training import AceStep15Trainable
-    from acestep_dist.families.ace_step_15.variants import variant_spec
-
-    with torch.device(device):
-        transformer = AceStepTransformer1DModel()
-    hidden = transformer.config.hidden_size
-    # the condition constants are data the loss reads: real (and small) beside a meta DiT
-    components = AceStep15Components(variant_spec("turbo"), "", "bench", transformer=transformer,
-                                     transformer_config=dict(transformer.config),
-                                     null_condition=torch.zeros(1, 1, hidden),
-                                     silence_latent=torch.zeros(1, 750, REAL_LATENT_DIM))
-    family = AceStep15(components)
-    config = config or TrainConfig(lr_warmup_steps=0)
-    return family, AceStep15Trainable(family, config, ACE15.train_options(), cached_condition=True)
-
-
-def _real_dit_sample(clip_seconds: float, family) -> dict:
-    """One sample of ``clip_seconds`` with a 100-token caption, 300 lyric tokens and their cached condition."""
-    frames = int(clip_seconds * FRAMES_PER_SECOND)
-    hidden = family.components.transformer_config["hidden_size"]
-    generator = torch.Generator().manual_seed(0)
-    return {"latent_mean": torch.randn(frames, REAL_LATENT_DIM, generator=generator),
-            "latent_std": torch.rand(frames, REAL_LATENT_DIM, generator=generator),
-            "text_states": torch.randn(100, REAL_TEXT_DIM, generator=generator).to(torch.bfloat16),
-            "lyric_ids": torch.randint(0, 151643, (300,), dtype=torch.int32, generator=generator),
-            "condition_states": torch.randn(401, hidden, generator=generator).to(torch.bfloat16)}
-
-
 def dry_run_accuracy(clip_seconds: float = 10.0) -> dict:
     """``acedist train --dry-run``'s estimate (the model on the meta device, one fake step) against
     the measured peak of the same LoRA step (``frozen_base_worker`` with the base in float32: one
@@ -249,9 +187,9 @@ def dry_run_accuracy(clip_seconds: float = 10.0) -> dict:
     from acestep_dist.train.memory_estimate import estimate_trainable
 
     config = TrainConfig(lr_warmup_steps=0, zero_stage=0)
-    family, trainable = _real_dit_trainable("meta", config)
+    family, trainable = real_trainable("meta", config)
     start = time.perf_counter()
-    estimate = estimate_trainable(trainable, family.collate([_real_dit_sample(clip_seconds, family)]), 1,
+    estimate = estimate_trainable(trainable, family.collate([real_sample(clip_seconds, family)]), 1,
                                   [torch.Generator().manual_seed(1)], config, world=1, use_gpu=False, setting="bench")
     estimate_s = time.perf_counter() - start
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see frozen_base
@@ -283,7 +221,7 @@ def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) 
     torch.manual_seed(0)
     _release_freed_memory()
     before_model = _memory_status("VmRSS")
-    family, trainable = _real_dit_trainable("cpu")
+    family, trainable = real_trainable("cpu", TrainConfig(lr_warmup_steps=0))
     module = trainable.module
     if mode in ("int8-torchao", "fp8-torchao"):
         quantize_frozen_base(module, mode)
@@ -299,7 +237,7 @@ def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) 
     frozen_linear_bytes = sum(_stored_bytes(w) for w in frozen_linear)
     other_frozen_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad
                              and not any(p is w for w in frozen_linear))
-    batch = family.collate([_real_dit_sample(clip_seconds, family)])
+    batch = family.collate([real_sample(clip_seconds, family)])
     parameters = [p for group in trainable.param_groups for p in group["params"]]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     peaks, times = [], []
