@@ -215,7 +215,8 @@ def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) 
     every stored form is expanded to float32 one layer at a time by the same code, so the modes
     differ in what is stored only). Resident memory after the base is converted, and the peak of
     the step above it, from the kernel's own counters."""
-    from acestep_dist.train.frozen_precision import FrozenQuantizedLinear, _stored_bytes, quantize_frozen_base
+    from acestep_dist.train.frozen_precision import (FrozenQuantizedLinear, _stored_bytes, frozen_linears,
+                                                     quantize_frozen_base)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -226,10 +227,8 @@ def frozen_base_worker(mode: str, clip_seconds: float = 10.0, threads: int = 2) 
     if mode in ("int8-torchao", "fp8-torchao"):
         quantize_frozen_base(module, mode)
     elif mode == "bf16":  # the same layer, its weight stored in bf16 (expanded to float32 per matmul)
-        for parent in list(module.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear and not child.weight.requires_grad:
-                    setattr(parent, name, FrozenQuantizedLinear(child, child.weight.detach().to(torch.bfloat16)))
+        for parent, name, child in frozen_linears(module):
+            setattr(parent, name, FrozenQuantizedLinear(child, child.weight.detach().to(torch.bfloat16)))
     _release_freed_memory()
     resident = _memory_status("VmRSS") - before_model
     frozen_linear = [m.weight for m in module.modules()

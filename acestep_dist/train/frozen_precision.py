@@ -131,6 +131,14 @@ def _shared_weights(module: torch.nn.Module) -> set[int]:
     return {key for key, count in seen.items() if count > 1}
 
 
+def frozen_linears(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, attribute, layer) of every ``nn.Linear`` in ``module`` whose weight is frozen and
+    not tied: what ``quantize_frozen_base`` stores in 8 bits."""
+    shared = _shared_weights(module)
+    return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+            if type(child) is torch.nn.Linear and not child.weight.requires_grad and id(child.weight) not in shared]
+
+
 def quantize_frozen_base(module: torch.nn.Module, precision: str) -> QuantizedBase | None:
     """Replace every frozen ``nn.Linear`` in ``module`` (weight not trained, not tied) by a
     ``FrozenQuantizedLinear`` holding its weight in ``precision``, on the device it is on. Layers
@@ -142,19 +150,15 @@ def quantize_frozen_base(module: torch.nn.Module, precision: str) -> QuantizedBa
     from torchao.quantization import quantize_
 
     config = _torchao_config(precision)
-    shared = _shared_weights(module)
     layers = weights = before = after = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or child.weight.requires_grad or id(child.weight) in shared:
-                continue
-            before += _stored_bytes(child.weight)
-            weights += child.weight.numel()
-            quantize_(child, config)
-            quantized = child.weight.detach()
-            setattr(parent, name, FrozenQuantizedLinear(child, quantized))
-            after += _stored_bytes(quantized)
-            layers += 1
+    for parent, name, child in frozen_linears(module):
+        before += _stored_bytes(child.weight)
+        weights += child.weight.numel()
+        quantize_(child, config)
+        quantized = child.weight.detach()
+        setattr(parent, name, FrozenQuantizedLinear(child, quantized))
+        after += _stored_bytes(quantized)
+        layers += 1
     if layers == 0:
         raise UserError(f"base_model_precision {precision}: the model has no frozen linear layer to store in 8 bits")
     return QuantizedBase(precision, layers, weights, before, after)

@@ -192,8 +192,8 @@ def _load_model_and_data(worker: _Worker) -> None:
     description = family.describe(job["model"])
     data = open_training_data(job["data"])
     check_device_support(config.base_model_precision, worker.device)
-    worker.model = family.load(description, "validate" if worker.validates else "train", dtype=_load_dtype(worker),
-                               device=str(worker.device))
+    worker.model = family.load(description, "validate" if worker.validates else "train",
+                               dtype=compute_dtype(config, worker.use_gpu), device=str(worker.device))
     worker.trainable = worker.model.trainable(config, family.train_options.model_validate(job["family_options"]),
                                               data.stored)
     # after the adapters wrap their layers: what stays frozen now is the base (and frozen encoders)
@@ -204,13 +204,14 @@ def _load_model_and_data(worker: _Worker) -> None:
     worker.total_steps = config.max_train_steps or config.num_train_epochs * worker.plan.steps_per_epoch
 
 
-def _load_dtype(worker: _Worker) -> torch.dtype:
-    """The dtype a worker loads the model in: on a GPU the run's mixed precision, which DeepSpeed casts
-    the whole module to at initialise anyway (loaded in float32 first, a 2B model with its condition
-    path would take 11 GB of the GPU for a moment: more than the run then needs); float32 on CPU."""
-    if not worker.use_gpu:
+def compute_dtype(config: TrainConfig, use_gpu: bool) -> torch.dtype:
+    """What workers hold the model in, and load it in: on GPUs the run's mixed precision, which
+    DeepSpeed casts the whole module to at initialise anyway (loaded in float32 first, a 2B model
+    with its condition path would take 11 GB of the GPU for a moment: more than the run then
+    needs); float32 on CPU."""
+    if not use_gpu:
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(worker.config.mixed_precision, torch.float32)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
 
 
 def _build_engine(worker: _Worker) -> None:

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .frozen_precision import frozen_linears
+
 GB = 1e9
 GPU_SIZES_GB = (8, 12, 16, 24, 80)
 # CUDA context, cuBLAS / NCCL workspaces and allocator fragmentation per process: a rule of thumb
@@ -92,14 +94,6 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def compute_dtype(config, use_gpu: bool) -> torch.dtype:
-    """What the workers hold the model in: the mixed precision on GPUs (DeepSpeed casts the module),
-    float32 on CPU."""
-    if not use_gpu:
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
-
-
 @dataclass(frozen=True)
 class FrozenBytes:
     """The frozen parameters as a worker stores them: quantized (``base_model_precision``; buffers
@@ -114,11 +108,10 @@ def frozen_bytes(module: torch.nn.Module, precision: str, dtype: torch.dtype) ->
     size = torch.empty((), dtype=dtype).element_size()
     quantized = 0
     seen: set[int] = set()
-    if precision in QUANTIZED_ROW_BYTES:  # what quantize_frozen_base converts: untied frozen nn.Linear
-        for sub in module.modules():
-            if type(sub) is torch.nn.Linear and not sub.weight.requires_grad:
-                seen.add(id(sub.weight))
-                quantized += sub.weight.numel() + QUANTIZED_ROW_BYTES[precision] * sub.out_features
+    if precision in QUANTIZED_ROW_BYTES:  # the layers quantize_frozen_base converts
+        for _, _, layer in frozen_linears(module):
+            seen.add(id(layer.weight))
+            quantized += layer.weight.numel() + QUANTIZED_ROW_BYTES[precision] * layer.out_features
     frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
     plain = sum(p.numel() * size for key, p in frozen.items() if key not in seen)
     return FrozenBytes(quantized, plain, sum(p.numel() * size for p in frozen.values()))
@@ -226,6 +219,8 @@ def estimate(family, description, config, options, stored, samples: Sequence[dic
              use_gpu: bool, setting: str) -> MemoryEstimate:
     """The estimate for one worker of a run (``samples``: the micro-batch whose activations count):
     the family builds the run's model on the meta device (no weights read)."""
+    from .loop import compute_dtype
+
     loaded = family.load(description, "train", dtype=compute_dtype(config, use_gpu), device="meta")
     trainable = loaded.trainable(config, options, stored)
     return estimate_trainable(trainable, loaded.collate(list(samples)), len(samples), generators, config, world=world,
@@ -236,6 +231,8 @@ def estimate_trainable(trainable, batch, batch_size: int, generators, config, *,
                        setting: str, activations: float | None = None) -> MemoryEstimate:
     """The estimate for a trainable built on the meta device (its module is used up). ``activations``:
     those of an estimate that ran the same step already (the fake step is then skipped)."""
+    from .loop import compute_dtype
+
     dtype = compute_dtype(config, use_gpu)
     module = trainable.module
     counts = _module_counts(module)
