@@ -81,6 +81,16 @@ def test_the_estimate_follows_the_settings(train_shards, prep_model, tmp_path):
     assert split["frozen weights (split over workers)"] == plain["frozen weights"] / 2
     assert split["optimizer states (adamw, split)"] == plain["optimizer states (adamw)"] / 2
 
+    validating, with_validation = _estimate(train_shards, prep_model, tmp_path, train_batch_size=2,
+                                            validation_step_interval=5)
+    parts = FAMILY.load(FAMILY.describe(str(prep_model)), "validate").parts()
+    # rank 0 also holds the VAE and the text encoder, but for the token table the trained module has
+    text_encoder = parts["text_encoder"]
+    held = sum(t.numel() * t.element_size() for part in (parts["vae"], text_encoder)
+               for t in (*part.parameters(), *part.buffers())) - 4 * text_encoder.embed_tokens.weight.numel()
+    assert validating["validation parts, rank 0 only (vae, text_encoder)"] == held
+    assert with_validation.start_up == estimate.start_up + held
+
     _, offloaded = _estimate(train_shards, prep_model, tmp_path, offload_optimizer=True)
     assert dict(offloaded.host)["optimizer states (adamw)"] == 8 * trained
     assert not [name for name, _ in offloaded.gpu if name.startswith("optimizer")]

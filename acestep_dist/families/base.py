@@ -285,6 +285,11 @@ class FamilyModel(ABC):
         """Per record, its text tensors (schema names, unpadded), each row as it would be alone."""
         raise NotImplementedError(f"{self.description.family} cannot encode text with the parts loaded")
 
+    def parts(self) -> dict[str, "torch.nn.Module"]:
+        """The modules this model holds now, by name (what the process keeps in memory: the dry run
+        sizes rank 0's validation parts with it)."""
+        raise NotImplementedError(f"{self.description.family} does not list its loaded parts")
+
     def collate(self, samples: Sequence[dict[str, "torch.Tensor"]]) -> Any:
         """Schema tensors of B samples -> the batch ``Trainable.module`` takes (with ``.to(device)``)."""
         raise NotImplementedError

@@ -83,3 +83,13 @@ def safetensors_header(file: Path, what: str = "LoRA") -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as error:
         raise UserError(f"{what} {file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def module_fields(components) -> dict:
+    """The ``torch.nn.Module`` fields of a dataclass of loaded parts, by field name."""
+    import dataclasses
+
+    import torch
+
+    return {f.name: getattr(components, f.name) for f in dataclasses.fields(components)
+            if isinstance(getattr(components, f.name), torch.nn.Module)}

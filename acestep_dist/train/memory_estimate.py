@@ -53,6 +53,7 @@ class MemoryEstimate:
     sample_seconds: float = 0.0
     batch: int = 1
     activation_problem: str | None = None  # why the fake step failed (activations then count 0)
+    notes: list[str] = field(default_factory=list)  # what the figures leave out, said under them
 
     @property
     def steady(self) -> float:
@@ -82,6 +83,7 @@ class MemoryEstimate:
             per_second = self.activations / (self.batch * self.sample_seconds)
             lines.append(f"  activations: {per_second / 1e6:,.1f} MB per sample-second "
                          f"(batch {self.batch} x {self.sample_seconds:.1f} s, the data's longest sample)")
+        lines += [f"  {note}" for note in self.notes]
         if self.host:
             lines.append("  host memory per worker (offload_optimizer):")
             lines += [f"    {name:<46}{size / GB:>8.2f} GB" for name, size in self.host]
@@ -221,10 +223,39 @@ def estimate(family, description, config, options, stored, samples: Sequence[dic
     the family builds the run's model on the meta device (no weights read)."""
     from .loop import compute_dtype
 
-    loaded = family.load(description, "train", dtype=compute_dtype(config, use_gpu), device="meta")
+    validates = config.validation_step_interval > 0  # rank 0 then holds what a render needs as well
+    loaded = family.load(description, "validate" if validates else "train", dtype=compute_dtype(config, use_gpu),
+                         device="meta")
     trainable = loaded.trainable(config, options, stored)
-    return estimate_trainable(trainable, loaded.collate(list(samples)), len(samples), generators, config, world=world,
-                              use_gpu=use_gpu, setting=setting)
+    try:
+        validation = validation_parts(loaded, trainable.module) if validates else None
+    except NotImplementedError as error:
+        validation, problem = None, str(error)
+    result = estimate_trainable(trainable, loaded.collate(list(samples)), len(samples), generators, config,
+                                world=world, use_gpu=use_gpu, setting=setting)
+    if validation is not None:
+        names, size = validation
+        # loaded with the model, so part of the start-up too; the render's own activations are not
+        result.gpu.append((f"validation parts, rank 0 only ({', '.join(names)})", float(size)))
+        result.start_up += size
+        result.notes.append("validation renders (rank 0): their activations are not counted")
+    elif validates:
+        result.notes.append(f"validation parts of rank 0 NOT counted ({problem})")
+    return result
+
+
+def validation_parts(loaded, trained_module) -> tuple[list[str], int]:
+    """The loaded parts a validation render uses beyond what trains (names, bytes): the parameters
+    and buffers of ``loaded.parts()`` the trained module does not hold."""
+    held = {id(t) for t in (*trained_module.parameters(), *trained_module.buffers())}
+    names, size = [], 0
+    for name, part in loaded.parts().items():
+        extra = [t for t in (*part.parameters(), *part.buffers()) if id(t) not in held]
+        if extra:
+            names.append(name)
+            size += sum(t.numel() * t.element_size() for t in extra)
+            held.update(id(t) for t in extra)
+    return names, size
 
 
 def estimate_trainable(trainable, batch, batch_size: int, generators, config, *, world: int, use_gpu: bool,

@@ -256,13 +256,19 @@ def test_every_adapter_kind_learns_from_the_loss_and_saves_as_trained(adapter, p
 def test_dry_run_counts_v1s_parameters_without_reading_weights(v1_shards, v1_model, tmp_path):
     from pipelines.train import run_train
 
-    config = _config()
+    config = _config(validation_step_interval=3)
     result = run_train(config, str(v1_shards), str(v1_model), str(tmp_path / "run"), dry_run=True, log=lambda _: None)
-    module = FAMILY.load(FAMILY.describe(str(v1_model)), "train").trainable(config, FAMILY.options(config)).module
+    loaded = FAMILY.load(FAMILY.describe(str(v1_model)), "validate")
+    module = loaded.trainable(config, FAMILY.options(config)).module
     expected = [(name, sum(p.numel() for p in child.parameters()),
                  sum(p.numel() for p in child.parameters() if p.requires_grad))
                 for name, child in module.named_children() if list(child.parameters())]
     assert result.estimate.parameters == expected and result.estimate.activations > 0
+    # rank 0 renders validation audio: it also holds the DCAE with its vocoder, and UMT5 (float32 here)
+    parts = loaded.parts()
+    held = sum(t.numel() * t.element_size() for name in ("dcae", "text_encoder")
+               for t in (*parts[name].parameters(), *parts[name].buffers()))
+    assert dict(result.estimate.gpu)["validation parts, rank 0 only (dcae, text_encoder)"] == held
     assert not (tmp_path / "run").exists()
 
 

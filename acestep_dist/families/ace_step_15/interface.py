@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from ...errors import UserError
 from ..base import Family, FamilyModel, RenderRequest, ModelDescription, SampleSchema, TensorSpec
+from ..common import module_fields
 from .options import LORA_PRESETS, VARIANT_NAMES, PrepOptions, TrainOptions
 
 NAME = "ace-step-1.5"
@@ -216,6 +217,9 @@ class AceStep15Model(FamilyModel):
                 setattr(components, name, getattr(loaded, name))
 
     # ----------------------------------------------------------------------- training
+    def parts(self):
+        return module_fields(self.model.components)
+
     def collate(self, samples):
         return self.model.collate(samples)
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from ...errors import UserError
 from ..base import Family, FamilyModel, ModelDescription, RenderRequest, SampleSchema, TensorSpec
+from ..common import module_fields
 from .options import LORA_PRESETS, VARIANT_NAMES, PrepOptions, TrainOptions
 
 NAME = "ace-step-v1"
@@ -189,6 +190,9 @@ class AceStepV1Model(FamilyModel):
         return encoded
 
     # ----------------------------------------------------------------------- training
+    def parts(self):
+        return module_fields(self.operations.components)
+
     def collate(self, samples):
         return self.operations.collate(samples)
 

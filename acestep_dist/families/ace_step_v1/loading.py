@@ -108,7 +108,7 @@ def load_components(path_or_id: str | os.PathLike, parts: Iterable[str] = ALL_PA
     folder = resolve_checkpoint(path_or_id)
     dtype = dtype or torch.float32
     components = V1Components(source=str(folder), transformer_config=read_json(folder / TRANSFORMER_DIR / "config.json"))
-    # on the meta device the DiT is built from its config and no weight is read (what
+    # on the meta device every part is built from its config and no weight is read (what
     # ``acedist train --dry-run`` sizes)
     weights = torch.device(device).type != "meta"
     try:
@@ -122,14 +122,27 @@ def load_components(path_or_id: str | os.PathLike, parts: Iterable[str] = ALL_PA
                     components.transformer = ACEStepTransformer2DModel.from_config(
                         ACEStepTransformer2DModel.load_config(str(folder / TRANSFORMER_DIR)))
         if "dcae" in parts:
+            from diffusers import AutoencoderDC
+
             from .dcae import MusicDCAE
+            from .vocoder import ADaMoSHiFiGANV1
 
-            components.dcae = MusicDCAE(dcae_checkpoint_path=str(folder / DCAE_DIR),
-                                        vocoder_checkpoint_path=str(folder / VOCODER_DIR))
+            if weights:
+                components.dcae = MusicDCAE(dcae_checkpoint_path=str(folder / DCAE_DIR),
+                                            vocoder_checkpoint_path=str(folder / VOCODER_DIR))
+            else:
+                with torch.device("meta"):
+                    components.dcae = MusicDCAE.from_modules(
+                        AutoencoderDC.from_config(AutoencoderDC.load_config(str(folder / DCAE_DIR))),
+                        ADaMoSHiFiGANV1.from_config(ADaMoSHiFiGANV1.load_config(str(folder / VOCODER_DIR))))
         if "text_encoder" in parts:
-            from transformers import UMT5EncoderModel
+            from transformers import UMT5Config, UMT5EncoderModel
 
-            components.text_encoder = UMT5EncoderModel.from_pretrained(str(folder / TEXT_ENCODER_DIR), dtype=dtype)
+            if weights:
+                components.text_encoder = UMT5EncoderModel.from_pretrained(str(folder / TEXT_ENCODER_DIR), dtype=dtype)
+            else:
+                with torch.device("meta"):
+                    components.text_encoder = UMT5EncoderModel(UMT5Config.from_pretrained(str(folder / TEXT_ENCODER_DIR)))
         if "tokenizer" in parts:
             from transformers import AutoTokenizer
 

@@ -37,6 +37,13 @@ def resampled_length(length: int, orig_freq: int, new_freq: int) -> int:
 
 @lru_cache(maxsize=16)
 def _kernel64(orig: int, new: int, lowpass_filter_width: int, rolloff: float) -> tuple[Tensor, int]:
+    # cached data: built on the CPU whatever the default device (a model built on the meta device
+    # must not leave a kernel without data behind for the next one)
+    with torch.device("cpu"):
+        return _build_kernel64(orig, new, lowpass_filter_width, rolloff)
+
+
+def _build_kernel64(orig: int, new: int, lowpass_filter_width: int, rolloff: float) -> tuple[Tensor, int]:
     cutoff = min(orig, new) * rolloff  # in units of the reduced rates
     width = math.ceil(lowpass_filter_width * orig / cutoff)
     taps = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig

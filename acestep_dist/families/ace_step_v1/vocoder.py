@@ -254,7 +254,7 @@ class ConvNeXtEncoder(nn.Module):
             block = partial(ConvNeXtBlock, kernel_size=kernel_sizes[0])
         else:
             block = partial(ParallelConvNeXtBlock, kernel_sizes=kernel_sizes)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # plain numbers, on any default device
         self.stages = nn.ModuleList()
         start = 0
         for depth, dim in zip(depths, dims):
