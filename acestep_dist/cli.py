@@ -160,6 +160,33 @@ def prep(source, overrides, model, out, address, config_path, source_type, overw
 
 
 @cli.command()
+@click.argument("source")
+@click.option("--out", default="annotations.csv", show_default=True,
+              help="the file to write: .csv (also a folder's metadata.csv) or .jsonl")
+@click.option("--only-missing", "mode", flag_value="only-missing", default=True,
+              help="keep every value the source gives; estimate the missing ones (default)")
+@click.option("--all", "mode", flag_value="all",
+              help="estimated values replace given ones (which stay in the file as NAME_given)")
+@click.option("--address", help="Ray cluster to run on (default: an embedded local cluster)")
+@click.option("--source-type", type=click.Choice(["folder", "hf", "upstream", "manifest", "diffsynth", "acestep-json"]),
+              help="force the source kind instead of detecting it")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file (your edits in it are lost)")
+def annotate(source, out, mode, address, source_type, overwrite) -> None:
+    """Estimate tempo, key, metre and lyric language for SOURCE's songs, and check their quality.
+
+    Writes one row per song: the given and estimated values (each marked given or estimated, with
+    the estimate's confidence), quality flags and near-duplicate groups; review it, then
+    `acedist prep OUT --model ...`. Exit status: 0 when every song was analysed; 3 when some were
+    not (listed, with the reason); 1 on a fatal error.
+    """
+    from pipelines.annotate import run_annotate
+
+    result = run_annotate(source, out, mode=mode, source_type=source_type, address=address, overwrite=overwrite,
+                          log=click.echo)
+    sys.exit(result.exit_code)
+
+
+@cli.command()
 @click.argument("overrides", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="training recipe (see configs/train/)")
 @click.option("--data", required=True, help="an `acedist prep` output folder (local path or fsspec URL)")
