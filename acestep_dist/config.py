@@ -59,6 +59,9 @@ class PrepConfig(_Settings):
     silence_fraction: float = Field(0.95, gt=0, le=1, description="reject audio with more exact zeros than this")
     allow_truncated: bool = Field(False, description="keep what decodes of a file that ends before its header says "
                                                      "(with a warning) instead of rejecting it")
+    estimate_missing: bool = Field(False, description="estimate the bpm, key, time signature and lyric language a "
+                                                      "song's source does not give, from its decoded window (acedist "
+                                                      "annotate's estimators); each sample's meta says which")
     caption_max_chars: int = Field(1024, gt=0, description="longer captions are truncated with a warning")
     lyrics_max_chars: int = Field(8192, gt=0, description="longer lyrics are truncated with a warning")
     allow_missing_caption: bool = Field(False, description="accept audio without a caption (empty caption, warning)")

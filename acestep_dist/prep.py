@@ -162,6 +162,15 @@ def decode_row(row: dict, config: PrepConfig, sample_rate: int) -> dict:
                                       f"(limit {100 * config.silence_fraction:.0f} %)")
     if window.duration < config.min_duration:
         return _reject(row, "decode", f"too short: {window.duration:.2f} s < minimum {config.min_duration:.2f} s")
+    if config.estimate_missing:  # on the window just decoded: no second decode
+        from .annotate.analysis import fill_missing
+
+        try:
+            filled = fill_missing(record, window.wave, window.sample_rate)
+        except Exception as error:  # an estimate that fails costs the estimate, not the sample
+            row = _warn(row, "estimate", f"values not estimated: {type(error).__name__}: {error}")
+        else:
+            row = {**row, "record": json.dumps(filled.to_dict(), ensure_ascii=False)}
     return {**row, "wave": window.wave.tobytes(), "wave_samples": window.wave.shape[1], "duration": window.duration}
 
 
@@ -264,6 +273,8 @@ class TextEncoder:
                 "duration": round(float(batch["duration"][i]), 4), "source": record.audio,
                 "sha256": str(batch["sha256"][i]), "offset": float(batch["offset"][i]), "crop": self.config.crop,
                 "alt_captions": list(record.alt_captions), "repeat": record.repeat,
+                # fields prep estimated (estimate_missing), each with its confidence
+                **({"estimated": record.extra["estimated"]} if "estimated" in record.extra else {}),
                 **schema.lengths_of(sample, alt_texts[slot]), **schema.identity(),
             }
             results.append((i, schema.pack(sample, alt_texts[slot]), json.dumps(meta, ensure_ascii=False)))

@@ -169,3 +169,36 @@ def test_every_broken_input_is_analysed_or_listed_with_its_reason(corpus, tmp_pa
     assert silent["bpm"] is None and "low-loudness" in silent["flags"] and not silent["error"]
     assert rows["too_short_200ms"]["bpm"] is None  # too short to say
     assert rows["long_12min"]["seconds"] == pytest.approx(600, abs=1)  # the first ten minutes
+
+
+@pytest.mark.slow
+def test_prep_estimate_missing_fills_only_what_the_source_lacks_and_marks_it(corpus, tmp_path, prep_model, ray_session):
+    from acestep_dist.families.ace_step_15.prompts import text_prompt
+    from acestep_dist.records import Record
+    from acestep_dist.shards import iter_samples
+    from pipelines.prep import EXIT_OK, run_prep
+
+    folder = tmp_path / "songs"
+    folder.mkdir()
+    for name in MUSIC[:2]:
+        for suffix in (Path(name).suffix, ".txt", ".lyrics"):
+            if (corpus / "music" / name).with_suffix(suffix).is_file():
+                shutil.copy((corpus / "music" / name).with_suffix(suffix), folder / Path(name).with_suffix(suffix))
+    (folder / "metadata.csv").write_text(f"file,bpm,keyscale\n{MUSIC[0]},,G major\n{MUSIC[1]},131,\n")
+
+    out = tmp_path / "shards"
+    result = run_prep(str(folder), str(prep_model), str(out), PrepConfig(max_duration=8, estimate_missing=True),
+                      log=lambda _: None)
+    assert result.exit_code == EXIT_OK
+    filled = {sample["key"]: sample["meta"] for tar in sorted(out.glob("shard-*.tar"))
+              for sample in iter_samples(open(tar, "rb"))}
+    chorale, mozart = filled["chorale_bwv269_aus_meines_herzens_grunde"], filled["piano_mozart_k545_allegro"]
+    assert chorale["keyscale"] == "G major" and mozart["bpm"] == 131  # given: untouched
+    assert set(chorale["estimated"]) == {"bpm", "timesignature", "language"} and chorale["language"] == "de"
+    assert set(mozart["estimated"]) == {"keyscale", "timesignature", "language"} and mozart["language"] == "unknown"
+    assert isinstance(chorale["bpm"], int) and mozart["keyscale"] and mozart["timesignature"]
+    # the prompt the sample was encoded from carries the estimates
+    fields = ("caption", "lyrics", "bpm", "keyscale", "timesignature", "language", "duration")
+    prompt = text_prompt(Record(key="k", **{name: mozart[name] for name in fields}))
+    assert f"- keyscale: {mozart['keyscale']}" in prompt and f"- timesignature: {mozart['timesignature']}" in prompt
+    assert "- bpm: 131" in prompt

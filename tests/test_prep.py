@@ -65,6 +65,7 @@ def test_all_music_tracks_become_samples_with_their_metadata(music, corpus):
         assert bool(meta["lyrics"]) == (row["has_lyrics"] == "true")
         assert abs(meta["duration"] - float(row["duration_s"])) <= 0.05, key
         assert len(meta["sha256"]) == 64 and meta["offset"] == 0.0 and meta["crop"] == "start"
+        assert "estimated" not in meta  # estimate_missing is off by default
         frames = sample["latent_mean"].shape[0]
         assert abs(frames - meta["duration"] * 25) <= 1
         assert sample["latent_mean"].shape == sample["latent_std"].shape == (frames, 4)

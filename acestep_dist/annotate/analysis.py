@@ -39,6 +39,25 @@ def analyse_wave(wave: np.ndarray, sample_rate: int, lyrics: str | None) -> dict
             "fingerprint": prints.to_dict()}
 
 
+def fill_missing(record: Record, wave: np.ndarray, sample_rate: int) -> Record:
+    """``record`` with the bpm, keyscale, timesignature and language it lacks estimated from ``wave``
+    ``[C, n]`` (and its lyrics); ``extra["estimated"]`` maps each filled field to its confidence.
+    Given values are never touched; a field no estimate fits stays empty."""
+    missing = [name for name in ("bpm", "keyscale", "timesignature") if getattr(record, name) is None]
+    found = {}
+    if missing:
+        mono = _resample(np.atleast_2d(wave).mean(axis=0).astype(np.float32), sample_rate, ANALYSIS_RATE)
+        found = {name: estimate for name, estimate in estimate_music(mono, ANALYSIS_RATE).items() if name in missing}
+    if record.language is None:
+        found["language"] = estimate_language(record.lyrics)
+    found = {name: estimate for name, estimate in found.items() if estimate.value is not None}
+    if not found:
+        return record
+    estimated = {name: round(float(estimate.confidence), 3) for name, estimate in found.items()}
+    return record.with_(**{name: estimate.value for name, estimate in found.items()},
+                        extra={**record.extra, "estimated": estimated})
+
+
 def analyse_row(row: dict[str, Any]) -> dict[str, Any]:
     """``{"key", "record"}`` -> the row with ``analysis`` (or ``error``: why it was not analysed)."""
     record = Record.from_dict(json.loads(row["record"]))
