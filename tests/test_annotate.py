@@ -68,9 +68,10 @@ def _mp3(source: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def song_folder(tmp_path_factory, corpus) -> Path:
-    """A song, the same song as MP3 and a 20-s excerpt of it, two other songs, one file of noise bytes,
-    and a metadata.csv giving some values (one of them wrong on purpose)."""
+    """A song, the same song as MP3 and a 20-s excerpt of it, two other songs, a metadata.csv giving
+    some values (one of them wrong on purpose), and the broken corpus in ``broken/``."""
     folder = tmp_path_factory.mktemp("songs")
+    shutil.copytree(corpus / "broken", folder / "broken")
     music = corpus / "music"
     song = music / MUSIC[0]
     for name in MUSIC:
@@ -80,7 +81,6 @@ def song_folder(tmp_path_factory, corpus) -> Path:
     _mp3(song, folder / "renamed_copy.mp3")
     excerpt = decode_window(song, 11.3, 20.0, 44100)
     write_audio(folder / "excerpt.flac", excerpt.wave, 44100)
-    (folder / "noise.wav").write_bytes(np.random.default_rng(0).bytes(40000))
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
         writer.writerow(["file", "caption", "bpm", "keyscale"])
@@ -116,59 +116,80 @@ def test_annotate_writes_given_and_estimated_values_apart_and_prep_reads_them(an
     # the file is a manifest prep reads, with the source's keys and the values of the file
     listing = load_source(str(out), PrepConfig())
     records = {record.key: record for record in listing.records}
-    # (the copies and the noise have no caption: prep's own rule rejects them, as from the folder)
-    assert set(records) == set(rows) - {"noise", "excerpt", "renamed_copy"}
-    assert sorted(Path(p.input).name for p in listing.rejected) == ["excerpt.flac", "noise.wav", "renamed_copy.mp3"]
+    # (the uncaptioned are rejected by prep's own rule, as from the folder; it finds the broken audio later)
+    assert set(records) == set(rows) - {"excerpt", "renamed_copy", "broken/no_caption"}
+    assert {Path(p.input).name for p in listing.rejected} == {"excerpt.flac", "renamed_copy.mp3", "no_caption.wav"}
     assert records["piano_mozart_k545_allegro"].bpm == 131
     assert records["folk_oneills1019_lark_in_the_morning"].keyscale == "D major"
     assert records["chorale_bwv269_aus_meines_herzens_grunde"].timesignature == chorale["timesignature"]
 
 
 @pytest.mark.slow
-def test_the_same_recording_is_grouped_and_a_broken_file_is_listed_with_its_reason(annotated):
+def test_the_same_recording_is_grouped_and_the_run_says_some_files_failed(annotated):
     result, out, report = annotated
-    assert result.groups == [["chorale_bwv269_aus_meines_herzens_grunde", "excerpt", "renamed_copy"]]
+    # (the broken corpus reuses its clips, so it has groups of its own: none joins the music)
+    assert ["chorale_bwv269_aus_meines_herzens_grunde", "excerpt", "renamed_copy"] in result.groups
+    grouped = {key for group in result.groups for key in group}
+    assert not grouped & {"piano_mozart_k545_allegro", "folk_oneills1019_lark_in_the_morning"}
     rows = {row["key"]: row for row in csv.DictReader(open(out, encoding="utf-8"))}
     assert rows["excerpt"]["duplicate_group"] == "chorale_bwv269_aus_meines_herzens_grunde"
     assert "near-duplicate" in rows["renamed_copy"]["flags"] and not rows["piano_mozart_k545_allegro"]["duplicate_group"]
     assert result.exit_code == EXIT_PARTIAL
-    [(where, reason)] = result.failed
-    assert where.endswith("noise.wav") and "not a decodable audio file" in reason
-    assert "not a decodable audio file" in rows["noise"]["error"] and rows["noise"]["bpm"] == ""
     assert "near-duplicates: chorale_bwv269_aus_meines_herzens_grunde = excerpt = renamed_copy" in report
 
 
 @pytest.mark.slow
-def test_all_replaces_given_values_and_keeps_them_and_an_existing_file_is_not_overwritten(annotated, song_folder):
-    from pipelines.annotate import run_annotate
-
-    _, out, _ = annotated
-    with pytest.raises(UserError, match="exists"):
-        run_annotate(str(song_folder), out, log=lambda _: None)
-    again = out.with_name("all.jsonl")
-    run_annotate(str(song_folder), again, mode="all", log=lambda _: None)
-    import json
-
-    rows = {row["key"]: row for row in map(json.loads, again.read_text(encoding="utf-8").splitlines())}
-    lark = rows["folk_oneills1019_lark_in_the_morning"]
-    assert (lark["keyscale"], lark["keyscale_source"], lark["keyscale_given"]) == ("E minor", "estimated", "D major")
-    assert rows["noise"]["error"] and rows["noise"]["bpm"] is None
+def test_every_broken_input_is_analysed_or_listed_with_its_reason(annotated, corpus):
+    result, out, report = annotated
+    failed = {Path(where).name: reason for where, reason in result.failed}
+    assert set(failed) == {"random_bytes.wav", "empty.mp3"}, failed
+    assert "not a decodable audio file" in failed["random_bytes.wav"] and "empty file" in failed["empty.mp3"]
+    assert "not analysed" in report and "random_bytes.wav" in report
+    rows = {row["key"]: row for row in csv.DictReader(open(out, encoding="utf-8"))}
+    assert "not a decodable audio file" in rows["broken/random_bytes"]["error"] and rows["broken/random_bytes"]["bpm"] == ""
+    analysed = {Path(row["audio"]).name for row in rows.values() if not row["error"]}
+    assert analysed >= {path.name for path in (corpus / "broken").iterdir()
+                        if path.suffix in (".wav", ".mp3", ".flac", ".ogg")} - set(failed)
+    silent = rows["broken/silent_10s"]
+    assert silent["bpm"] == "" and "low-loudness" in silent["flags"]
+    assert rows["broken/too_short_200ms"]["bpm"] == ""  # too short to say
+    assert float(rows["broken/long_12min"]["seconds"]) == pytest.approx(600, abs=1)  # the first ten minutes
 
 
 @pytest.mark.slow
-def test_every_broken_input_is_analysed_or_listed_with_its_reason(corpus, tmp_path, ray_session):
+def test_an_existing_file_is_not_overwritten(annotated, song_folder):
     from pipelines.annotate import run_annotate
 
-    result = run_annotate(str(corpus / "broken"), tmp_path / "broken.csv", log=lambda _: None)
-    failed = {Path(where).name: reason for where, reason in result.failed}
-    assert "not a decodable audio file" in failed["random_bytes.wav"] and "empty file" in failed["empty.mp3"]
-    rows = {row["key"]: row for row in result.rows}
-    assert set(failed) | {Path(row["audio"]).name for row in result.rows if not row["error"]} >= {
-        path.name for path in (corpus / "broken").iterdir() if path.suffix in (".wav", ".mp3", ".flac", ".ogg")}
-    silent = rows["silent_10s"]
-    assert silent["bpm"] is None and "low-loudness" in silent["flags"] and not silent["error"]
-    assert rows["too_short_200ms"]["bpm"] is None  # too short to say
-    assert rows["long_12min"]["seconds"] == pytest.approx(600, abs=1)  # the first ten minutes
+    _, out, _ = annotated
+    before = out.read_bytes()
+    with pytest.raises(UserError, match="exists"):
+        run_annotate(str(song_folder), out, log=lambda _: None)
+    assert out.read_bytes() == before
+
+
+def test_all_replaces_given_values_and_keeps_them_in_the_file(tmp_path):
+    import json
+
+    from acestep_dist.annotate.table import annotation_row, write_table
+    from acestep_dist.records import Record
+
+    record = Record(key="song", audio="/songs/song.flac", caption="calm", bpm=90, keyscale="D major")
+    analysis = {"seconds": 30.0, "quality": {"loudness_lufs": -14.2, "flags": {}}, "estimates": {
+        "bpm": {"value": 90, "confidence": 0.4}, "keyscale": {"value": "E minor", "confidence": 0.2},
+        "timesignature": {"value": "3", "confidence": 0.1}, "language": {"value": "unknown", "confidence": 1.0}}}
+    kept = annotation_row("song", record, analysis, "only-missing")
+    assert (kept["keyscale"], kept["keyscale_source"], kept["keyscale_estimate"]) == ("D major", "given", "E minor")
+    assert (kept["timesignature"], kept["timesignature_source"]) == ("3", "estimated")
+    replaced = annotation_row("song", record, analysis, "all")
+    assert (replaced["keyscale"], replaced["keyscale_source"], replaced["keyscale_given"]) == ("E minor", "estimated", "D major")
+    assert replaced["bpm_given"] is None  # the estimate agreed: nothing replaced
+    failed = annotation_row("song", record, None, "all", error="not a decodable audio file")
+    assert (failed["bpm"], failed["bpm_source"], failed["error"]) == (90, "given", "not a decodable audio file")
+    write_table([replaced, failed], tmp_path / "a.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert rows[0]["keyscale_given"] == "D major" and rows[1]["error"]
+    with pytest.raises(ValueError, match=".csv or .jsonl"):
+        write_table([], tmp_path / "a.txt")
 
 
 @pytest.mark.slow
