@@ -28,6 +28,8 @@ TARGET_BINS = 63  # partner frequency distance, bins either side
 HASH_BITS = 9 + 7 + 6  # anchor bin, bin distance, frame distance
 MATCH_FRACTION = 0.05
 MIN_MATCHES = 20
+COMMON_HASH_FILES = 16
+OFFSET_LIMIT = 60 * 60 * ANALYSIS_RATE // HOP  # an hour of frames: any offset within a song
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,40 @@ def match_strength(a: Fingerprint, b: Fingerprint) -> tuple[int, float]:
 
 
 def near_duplicate_groups(prints: Mapping[str, Fingerprint]) -> list[list[str]]:
-    """Groups (two or more names) of the same recording, each sorted, in order of first name."""
+    """Groups (two or more names) of the same recording, each sorted, in order of first name.
+
+    One pass over every landmark of every file, sorted by hash: each pair of files sharing a hash
+    votes for the time offset between the two landmarks, and a pair is the same recording when its
+    best offset (a frame either side merged) gathers ``MIN_MATCHES`` votes and ``MATCH_FRACTION`` of
+    the smaller file's landmarks. Hashes held by more than ``COMMON_HASH_FILES`` files (silence,
+    steady tones) carry no identity and are skipped."""
     names = sorted(prints)
-    index: dict[int, set[int]] = defaultdict(set)
-    for number, name in enumerate(names):
-        for h in np.unique(prints[name].hashes).tolist():
-            index[h].add(number)
+    if len(names) < 2:
+        return []
+    hashes = np.concatenate([prints[name].hashes for name in names])
+    times = np.concatenate([prints[name].times for name in names]).astype(np.int64)
+    owners = np.concatenate([np.full(prints[name].hashes.size, number, np.int64) for number, name in enumerate(names)])
+    order = np.lexsort((owners, hashes))
+    hashes, times, owners = hashes[order], times[order], owners[order]
+    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+    sizes = np.diff(np.r_[starts, hashes.size])
+    votes = []  # pair * OFFSETS + offset
+    offsets = 2 * OFFSET_LIMIT + 1
+    for size in range(2, COMMON_HASH_FILES + 1):
+        first = starts[sizes == size]
+        if not first.size:
+            continue
+        members = first[:, None] + np.arange(size)
+        for a in range(size):
+            for b in range(a + 1, size):
+                left, right = owners[members[:, a]], owners[members[:, b]]
+                shift = times[members[:, b]] - times[members[:, a]]
+                keep = (left != right) & (np.abs(shift) <= OFFSET_LIMIT)  # (owners ascend within a hash)
+                votes.append((left[keep] * len(names) + right[keep]) * offsets + shift[keep] + OFFSET_LIMIT)
+    if not votes:
+        return []
+    codes, counts = np.unique(np.concatenate(votes), return_counts=True)
+    pairs, shift = codes // offsets, codes % offsets
     parent = list(range(len(names)))
 
     def root(i: int) -> int:
@@ -113,15 +143,15 @@ def near_duplicate_groups(prints: Mapping[str, Fingerprint]) -> list[list[str]]:
             i = parent[i]
         return i
 
-    for number, name in enumerate(names):
-        # candidates: files sharing enough hashes at all (the offset check is the costly part)
-        shared = Counter(other for h in np.unique(prints[name].hashes).tolist() for other in index[h] if other > number)
-        for other, count in shared.items():
-            if count < MIN_MATCHES or root(other) == root(number):
-                continue
-            matches, fraction = match_strength(prints[name], prints[names[other]])
-            if matches >= MIN_MATCHES and fraction >= MATCH_FRACTION:
-                parent[root(other)] = root(number)
+    sizes_of = np.array([prints[name].hashes.size for name in names])
+    for pair in np.unique(pairs[counts >= MIN_MATCHES // 3]):
+        mine = pairs == pair
+        histogram = np.zeros(offsets + 2, np.int64)
+        histogram[shift[mine] + 1] = counts[mine]
+        best = int((histogram[:-2] + histogram[1:-1] + histogram[2:]).max())
+        a, b = divmod(int(pair), len(names))
+        if best >= MIN_MATCHES and best >= MATCH_FRACTION * min(sizes_of[a], sizes_of[b]):
+            parent[root(b)] = root(a)
     groups: dict[int, list[str]] = defaultdict(list)
     for number, name in enumerate(names):
         groups[root(number)].append(name)
