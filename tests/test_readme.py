@@ -21,7 +21,8 @@ from conftest import TRAIN_COMMON
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-COMMANDS = [["model", "tiny"], ["model", "info"], ["prep"], ["inspect"], ["convert"], ["train"], ["export"], ["generate"]]
+COMMANDS = [["model", "tiny"], ["model", "info"], ["prep"], ["annotate"], ["inspect"], ["convert"], ["train"], ["export"],
+            ["generate"]]
 
 
 def _acedist(*args: str):
@@ -45,6 +46,8 @@ def test_every_command_has_help():
      "unknown key 'learnig_rate' (did you mean 'learning_rate'?)"),
     (["train", "--config", "/no/such.yaml", "--data", "{tmp}", "--model", "m", "--output", "{tmp}/r"], "does not exist"),
     (["inspect", "/no/such/shards"], "no shards"),
+    (["annotate", "/no/such/songs", "--out", "{tmp}/a.csv"], "does not exist"),
+    (["annotate", "{tmp}", "--out", "{tmp}/a.txt"], "must end in .csv or .jsonl"),
     (["export", "/no/such/run", "--out", "{tmp}/e"], "is not an acedist run"),
     (["generate", "--model", "/no/such/model", "--prompt", "x", "--out", "{tmp}/x.wav"], "no such folder"),
     (["model", "info", "/no/such/model"], "no such folder"),
