@@ -321,14 +321,21 @@ def generate(model, lora, lora_scale, prompt, lyrics, duration, bpm, keyscale, t
 @click.argument("out")
 def inspect(out) -> None:
     """Verify every shard in OUT (checksums, counts, tensor shapes, unique keys, manifest lines) and
-    summarise the dataset.
+    summarise the dataset; or, for an `acedist annotate` file (.csv / .jsonl), compare its
+    estimates with the values given beside them and count its quality flags.
 
-    Writes OUT/inspect_report.json and OUT/inspect_report.png. Exit status 2 names each corrupt
-    shard, each key that occurs twice and each unreadable manifest line.
+    Writes OUT/inspect_report.json and OUT/inspect_report.png (an annotations file: NAME.review.json
+    and NAME.review.png beside it). Exit status 2 names each corrupt shard, each key that occurs
+    twice and each unreadable manifest line.
     """
-    from .inspect_report import inspect_output
+    if out.lower().endswith((".csv", ".jsonl")):
+        from .annotate.review import review_annotations
 
-    _report, code = inspect_output(out, log=click.echo)
+        _report, code = review_annotations(out, log=click.echo)
+    else:
+        from .inspect_report import inspect_output
+
+        _report, code = inspect_output(out, log=click.echo)
     sys.exit(code)
 
 

@@ -122,6 +122,12 @@ def test_annotate_writes_given_and_estimated_values_apart_and_prep_reads_them(an
     assert records["piano_mozart_k545_allegro"].bpm == 131
     assert records["folk_oneills1019_lark_in_the_morning"].keyscale == "D major"
     assert records["chorale_bwv269_aus_meines_herzens_grunde"].timesignature == chorale["timesignature"]
+    # and inspect compares the two values the user gave with the estimates beside them
+    from acestep_dist.annotate.review import review_annotations
+
+    review, _ = review_annotations(out, log=lambda _: None)
+    assert (review["bpm"]["compared"], review["keyscale"]["compared"]) == (1, 1)
+    assert review["keyscale"]["disagree"] == ["folk_oneills1019_lark_in_the_morning"]
 
 
 @pytest.mark.slow
@@ -223,3 +229,38 @@ def test_prep_estimate_missing_fills_only_what_the_source_lacks_and_marks_it(cor
     prompt = text_prompt(Record(key="k", **{name: mozart[name] for name in fields}))
     assert f"- keyscale: {mozart['keyscale']}" in prompt and f"- timesignature: {mozart['timesignature']}" in prompt
     assert "- bpm: 131" in prompt
+
+
+def test_inspect_compares_estimates_with_the_given_values_of_an_annotations_file(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from acestep_dist.annotate.table import annotation_row, write_table
+    from acestep_dist.cli import cli
+    from acestep_dist.records import Record
+
+    def row(key, given: dict, estimates: dict, flags=None, group=""):
+        analysis = {"seconds": 30.0, "quality": {"loudness_lufs": -14.0, "flags": flags or {}},
+                    "estimates": {name: {"value": value, "confidence": 0.5} for name, value in estimates.items()}}
+        return annotation_row(key, Record(key=key, audio=f"/s/{key}.wav", **given), analysis, "only-missing",
+                              duplicate_group=group)
+
+    rows = [row("a", {"bpm": 120, "keyscale": "G major"}, {"bpm": 60, "keyscale": "D major", "timesignature": "4"}),
+            row("b", {"bpm": 90, "keyscale": "Cm", "timesignature": "3"},
+                {"bpm": 91, "keyscale": "C minor", "timesignature": "4"}, flags={"clipping": "12 runs"}),
+            row("c", {"bpm": 100, "language": "de"}, {"bpm": 150, "language": "de"}, group="c"),
+            row("d", {}, {"bpm": 128, "keyscale": "A minor"}, group="c")]
+    path = tmp_path / "songs.csv"
+    write_table(rows, path)
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "songs.review.json").read_text())
+    assert report["bpm"]["compared"] == 3 and report["bpm"]["ratios"] == {"1/2": 1, "1": 1, "3/2": 1}
+    assert report["bpm"]["disagree"] == ["c"] and report["bpm"]["accuracy_2"] == pytest.approx(2 / 3)
+    # "Cm" is read as the prompt spells it; G major vs D major is a fifth
+    assert report["keyscale"]["relations"] == {"fifth": 1, "same": 1} and report["keyscale"]["mirex"] == 0.75
+    assert report["timesignature"]["confusions"] == {"3 -> 4": 1} and report["language"]["agree"] == 1.0
+    assert report["flags"] == {"clipping": 1, "near-duplicate": 2} and report["duplicate_groups"] == [["c", "d"]]
+    assert (tmp_path / "songs.review.png").stat().st_size > 1000
+    assert "check bpm: c" in result.output and "check timesignature: b" in result.output
