@@ -80,6 +80,10 @@ def test_every_path_option_may_be_relative_to_the_working_directory(tmp_path, mo
     started = read_lora(work / "init" / "pytorch_lora_weights.safetensors").state
     assert trained.keys() == started.keys() and any(not torch.equal(trained[k], started[k]) for k in trained)
 
+    _acedist("annotate", "work/audio", "--out", "work/annotations/songs.csv")
+    annotated = (work / "annotations" / "songs.csv").read_text(encoding="utf-8")
+    assert f"{work / 'audio' / names[0]}.flac" in annotated  # the driver resolved the folder
+
     _acedist("export", "work/run", "--out", "work/export")
     _acedist("generate", "--model", "work/model", "--lora", "work/export/peft", "--prompt", "demo",
              "--lyrics", "work/lyrics.txt", "--src-audio", f"work/audio/{names[0]}.flac", "--repaint", "0.5", "1.0",
