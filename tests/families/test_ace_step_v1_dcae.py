@@ -287,3 +287,19 @@ def test_upstream_training_audio():
     assert short.shape == (2, 3 * 48000) and short.max() == 1.0 and short[:, 1000:].abs().max() == 0
     long = upstream_training_audio(torch.zeros(3, 241 * 48000))
     assert long.shape == (2, 240 * 48000)
+
+
+def test_the_mel_filterbank_is_built_on_the_cpu_under_any_device_context(md):
+    """A dry run builds the vocoder under ``torch.device("meta")``: the filterbank, a constant of the
+    front end, is still computed (on the CPU) and equals the checkpoint's; the module builds whole."""
+    from acestep_dist.families.ace_step_v1.vocoder import ADaMoSHiFiGANV1, slaney_mel_filterbank
+
+    stored = md.vocoder.mel_transform.mel_scale.fb
+    config = md.vocoder.mel_transform.mel_scale
+    with torch.device("meta"):
+        filters = slaney_mel_filterbank(stored.shape[0], config.f_min, config.f_max, config.n_mels,
+                                        config.sample_rate)
+        skeleton = ADaMoSHiFiGANV1.from_config(md.vocoder.config)
+    assert filters.device.type == "cpu" and torch.equal(filters, stored.cpu())
+    assert next(skeleton.parameters()).device.type == "meta"
+    assert torch.equal(skeleton.mel_transform.mel_scale.fb, stored.cpu())

@@ -94,12 +94,12 @@ class RelPositionalEncoding(nn.Module):
         self._by_key: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _build(self, length: int) -> torch.Tensor:
-        position = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
+        position = torch.arange(0, length, dtype=torch.float32, device="cpu").unsqueeze(1)
         div_term = torch.exp(
-            torch.arange(0, self.d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / self.d_model)
+            torch.arange(0, self.d_model, 2, dtype=torch.float32, device="cpu") * -(math.log(10000.0) / self.d_model)
         )
-        ahead = torch.zeros(length, self.d_model, dtype=torch.float32)
-        behind = torch.zeros(length, self.d_model, dtype=torch.float32)
+        ahead = torch.zeros(length, self.d_model, dtype=torch.float32, device="cpu")
+        behind = torch.zeros(length, self.d_model, dtype=torch.float32, device="cpu")
         ahead[:, 0::2] = torch.sin(position * div_term)
         ahead[:, 1::2] = torch.cos(position * div_term)
         behind[:, 0::2] = torch.sin(-position * div_term)

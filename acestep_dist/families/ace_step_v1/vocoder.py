@@ -49,16 +49,20 @@ def slaney_mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int,
     """Triangular Slaney-scale, area-normalised filters ``[n_freqs, n_mels]`` in float32.
 
     Equal to ``torchaudio.functional.melscale_fbanks(..., norm="slaney", mel_scale="slaney")``,
-    which builds it in float32 too; checkpoints carry their own copy, this is for new models."""
-    bins = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float32)
+    which builds it in float32 too; checkpoints carry their own copy, this is for new models.
+
+    Always computed on the CPU, whatever device context the module is built under: under
+    ``torch.device("meta")`` (dry runs) it is a small real constant, and every factory here names
+    its device so no ambient context or patched constructor can mix devices."""
+    bins = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float32, device="cpu")
     mel_points = torch.linspace(_hz_to_mel_slaney(f_min), _hz_to_mel_slaney(f_max), n_mels + 2,
-                                dtype=torch.float32)
+                                dtype=torch.float32, device="cpu")
     edges = _mel_to_hz_slaney(mel_points)
     spacing = edges[1:] - edges[:-1]
     offsets = edges[None, :] - bins[:, None]
     rising = (-1.0 * offsets[:, :-2]) / spacing[:-1]
     falling = offsets[:, 2:] / spacing[1:]
-    filters = torch.maximum(torch.zeros(1), torch.minimum(rising, falling))
+    filters = torch.minimum(rising, falling).clamp_min(0.0)
     return filters * (2.0 / (edges[2:] - edges[:-2]))[None, :]
 
 
