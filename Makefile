@@ -13,7 +13,6 @@ BIN         := $(VENV)/bin
 PIP         := $(BIN)/python -m pip
 
 export OMP_NUM_THREADS ?= 1
-export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: demo test install install-v1 install-test clean

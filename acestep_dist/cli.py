@@ -193,8 +193,9 @@ def annotate(source, out, mode, address, source_type, overwrite) -> None:
 @click.option("--model", required=True, help="diffusers folder, upstream checkpoint folder, or hub id")
 @click.option("--output", required=True, help="run folder: checkpoints, tb/, samples/, final/")
 @click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="machines to spread workers over")
-@click.option("--gpus-per-node", default=0, show_default=True, type=click.IntRange(min=0),
-              help="GPU workers per node (0: train on CPU)")
+@click.option("--gpus-per-node", default="auto", show_default=True,
+              help="GPU workers per node; auto: the GPUs each node has (CPU when none has any; on an autoscaling "
+                   "cluster give the number, auto counts the nodes already up); 0: train on CPU")
 @click.option("--workers", type=click.IntRange(min=1), help="CPU workers (default: one per node)")
 @click.option("--address", help="Ray cluster to run on (default: an embedded local cluster)")
 @click.option("--resume", is_flag=True, help="continue the run in --output from its last checkpoint")

@@ -89,7 +89,6 @@ def run(out: Path, family: str = "ace-step-1.5", lyrics_vocab: str | None = None
     import torch
 
     torch.set_num_threads(1)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if out.exists() and any(out.iterdir()):
         # a rerun replaces its own earlier demo; any other folder is the user's and stays untouched

@@ -86,7 +86,7 @@ def ray_speedup(model: str, overrides: list[str], repeat: int = 1) -> dict:
     plain = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as folder:
-        env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+        env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "acestep_dist.cli", "prep", str(manifest), "--model", model, "--out", folder,
                         "shard_size_mb=1000", *overrides], check=True, env=env, cwd=ROOT,

@@ -2,8 +2,13 @@
 for trying `--address` without real nodes.
 
     python cluster/local_cluster.py start --nodes 2 --port 6390 --temp-dir /tmp/acedist-cluster
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/acedist-cluster/auth_token
     acedist prep SONGS --model M --out OUT --address 127.0.0.1:6390
     python cluster/local_cluster.py stop --temp-dir /tmp/acedist-cluster
+
+Token authentication is on: the nodes use RAY_AUTH_TOKEN from the environment when it is set,
+else a random token that `start` writes to TEMP_DIR/auth_token (mode 600); every client needs
+RAY_AUTH_MODE=token and that token (the export line above).
 
 Each node runs `ray start --block` in its own process group, so `stop` ends exactly this
 cluster's processes (never `ray stop`, which kills every Ray process of the host). Node i gets the
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,10 +31,19 @@ from pathlib import Path
 STATE = "local_cluster.json"
 
 
-def cluster_env() -> dict[str, str]:
+TOKEN_FILE = "auth_token"
+
+
+def cluster_env(temp_dir: Path | None = None) -> dict[str, str]:
+    """The environment of the cluster's processes and of its clients: token authentication with the
+    environment's RAY_AUTH_TOKEN, else the token file of the cluster in ``temp_dir``."""
     env = dict(os.environ)
+    if not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
+        if temp_dir is None:
+            raise ValueError("no RAY_AUTH_TOKEN in the environment: give the cluster's temp dir (its token file)")
+        env["RAY_AUTH_TOKEN_PATH"] = str(temp_dir / TOKEN_FILE)
     env.update(
-        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_MODE="token",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",  # Ray calls several raylets on one host a "Windows/OSX cluster"
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
@@ -44,6 +59,10 @@ def _ray_executable() -> str:
 
 def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_store_mb: int, timeout: float = 90.0) -> str:
     temp_dir.mkdir(parents=True, exist_ok=True)
+    token = temp_dir / TOKEN_FILE
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or token.exists()):
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))
     address = f"127.0.0.1:{port}"
     common = ["--block", "--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_mb * 1024**2),
               "--disable-usage-stats"]
@@ -56,21 +75,21 @@ def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_stor
             command = [_ray_executable(), "start", "--address", address, "--node-ip-address", "127.0.0.1"]
         command += common + ["--resources", json.dumps({f"node{index}": 1})]
         log = open(temp_dir / f"node{index}.log", "w")
-        process = subprocess.Popen(command, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=cluster_env(temp_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         pids.append(process.pid)
         (temp_dir / STATE).write_text(json.dumps({"address": address, "pids": pids}))
         if index == 0:
-            _wait_for_nodes(address, 1, timeout)
-    _wait_for_nodes(address, nodes, timeout)
+            _wait_for_nodes(address, 1, timeout, temp_dir)
+    _wait_for_nodes(address, nodes, timeout, temp_dir)
     return address
 
 
-def _wait_for_nodes(address: str, count: int, timeout: float) -> None:
+def _wait_for_nodes(address: str, count: int, timeout: float, temp_dir: Path) -> None:
     deadline = time.time() + timeout
     probe = (f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
              f"print(sum(1 for n in ray.nodes() if n['Alive']))")
     while time.time() < deadline:
-        result = subprocess.run([sys.executable, "-c", probe], env=cluster_env(), capture_output=True, text=True, timeout=60)
+        result = subprocess.run([sys.executable, "-c", probe], env=cluster_env(temp_dir), capture_output=True, text=True, timeout=60)
         if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         time.sleep(1.0)
@@ -106,6 +125,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.action == "start":
         print(start(args.nodes, args.port, args.temp_dir, args.cpus_per_node, args.object_store_mb))
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            print(f"clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={args.temp_dir / TOKEN_FILE}", file=sys.stderr)
     else:
         stop(args.temp_dir)
     return 0

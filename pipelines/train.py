@@ -26,6 +26,7 @@ from acestep_dist.train.data import EpochPlan, open_training_data, verify_traini
 from acestep_dist.train.layout import FINAL_DIR, STATE_FILE, ema_files, weight_files
 from acestep_dist.train.loop import train_worker
 from acestep_dist.train.frozen_precision import check_quantization_available
+from acestep_dist.train.gpus import AUTO, choose_gpus_per_node, visible_gpus
 from acestep_dist.train.optimizers import check_optimizer
 
 
@@ -306,7 +307,7 @@ def run_train(
     output: str,
     *,
     nodes: int = 1,
-    gpus_per_node: int = 0,
+    gpus_per_node: int | str = AUTO,
     workers: int | None = None,
     address: str | None = None,
     resume: bool = False,
@@ -314,6 +315,9 @@ def run_train(
     dry_run: bool = False,
     log=print,
 ) -> TrainResult:
+    gpus_per_node, why = choose_gpus_per_node(
+        gpus_per_node, nodes, workers, lambda: visible_gpus(address, lambda: init_ray(address, dashboard=True), dry_run))
+    log(f"train: {why}")
     checked = _check_on_driver(config, data, model, output, nodes, gpus_per_node, workers, log)
     if dry_run:
         estimate = _dry_run(checked)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import sys
 from pathlib import Path
 
@@ -20,6 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 # Set here, they reach in-process fits and the commands tests start alike.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Token authentication stays on in the tests, as in use: one random token for every cluster the
+# session starts (the embedded ones, the commands' own, the two-node one), held in the environment
+# the commands inherit, never written to a file.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # CI has the corpus beside the checkout; ACESTEP_CORPUS points elsewhere.
 CORPUS = Path(os.environ.get("ACESTEP_CORPUS") or Path(__file__).resolve().parents[1].parent / "shared" / "corpus")
@@ -108,7 +113,6 @@ def prep_model(tmp_path_factory) -> Path:
 def ray_session():
     """One embedded Ray instance for the in-process prep tests (each run would otherwise start its own)."""
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=400 * 1024**2,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)

@@ -36,7 +36,7 @@ def _samples(out: Path) -> dict[str, dict]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
     return env
 

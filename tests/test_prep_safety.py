@@ -214,7 +214,7 @@ def test_a_folder_prep_did_not_make_is_refused_and_left_alone(tmp_path, prep_mod
 def test_a_second_prep_on_the_same_out_stops_while_the_first_runs(tmp_path, prep_model):
     out = tmp_path / "out"
     nothing = _nothing_to_encode(tmp_path / "nothing")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_DATA_DISABLE_PROGRESS_BARS="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DATA_DISABLE_PROGRESS_BARS="1",
                **{faults.VARIABLE: faults.spec("prep.before_shard", shards_written=0)})  # hangs before its first shard
     env.pop("RAY_ADDRESS", None)
     songs = _one_song(tmp_path / "songs")
@@ -391,7 +391,7 @@ def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, pre
     max_duration = max([8.0] + [float(np.ceil(probe_audio(path).duration)) for path in accept])
 
     out = tmp_path / "out"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
     address = ray_session.get_runtime_context().gcs_address
     result = subprocess.run([sys.executable, "-m", "acestep_dist.cli", "prep", str(source), "--model", str(prep_model),

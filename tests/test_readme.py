@@ -294,7 +294,8 @@ def test_the_layout_section_names_files_that_exist():
         assert (library / "train" / f"{part}.py").is_file(), part
     for part in re.findall(r"\w+", family):
         assert (library / "families" / "ace_step_15" / f"{part}.py").is_file(), part
-    for name in ("local_cluster.py", "kuberay-rayjob.yaml", "ray-cluster.yaml"):  # "See `cluster/` for ..."
+    for name in ("local_cluster.py", "aws.yaml", "gcp.yaml", "onprem.yaml", "kuberay/raycluster.yaml",
+                 "kuberay/rayjob-prep.yaml", "kuberay/rayjob-train.yaml"):  # "See `cluster/` for ..."
         assert (ROOT / "cluster" / name).is_file()
 
 

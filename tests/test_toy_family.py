@@ -35,7 +35,7 @@ def toy_env(**changes: str | None) -> dict[str, str]:
     workers, which inherit it), and no Ray cluster to join but the command's own."""
     env = {**os.environ, "ACEDIST_FAMILIES": "toy_family:FAMILY",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
     for name, value in changes.items():
         if value is None:

@@ -97,7 +97,7 @@ def test_two_workers_give_the_weights_of_one_worker(reference_run, tmp_path, tra
 
 
 def _env(**extra) -> dict[str, str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
     env.pop("RAY_ADDRESS", None)
     return env
 

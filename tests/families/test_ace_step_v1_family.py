@@ -84,7 +84,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _acedist(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+    environment = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                        HF_HUB_OFFLINE="1", **(env or {}))
     environment.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "acestep_dist.cli", *args], cwd=ROOT, env=environment,
