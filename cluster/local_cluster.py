@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,7 +58,10 @@ def _ray_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_store_mb: int, timeout: float = 90.0) -> str:
+def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_store_mb: int, timeout: float = 90.0,
+          dashboard_port: int | None = None) -> str:
+    """Start the cluster; its GCS address. ``dashboard_port``: the head also runs the dashboard with
+    its job API (`ray job submit --address http://127.0.0.1:PORT`), on loopback."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     token = temp_dir / TOKEN_FILE
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or token.exists()):
@@ -70,10 +74,15 @@ def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_stor
     for index in range(nodes):
         if index == 0:
             command = [_ray_executable(), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                       "--temp-dir", str(temp_dir), "--include-dashboard=false"]
+                       "--temp-dir", str(temp_dir)]
+            command += (["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
+                        if dashboard_port else ["--include-dashboard=false"])
         else:
             command = [_ray_executable(), "start", "--address", address, "--node-ip-address", "127.0.0.1"]
-        command += common + ["--resources", json.dumps({f"node{index}": 1})]
+        # each node's dashboard agent (the job API's executor) on a port of its own: Ray's default
+        # (52365) is taken by any other Ray instance on this machine, and then jobs find no agent
+        command += common + ["--resources", json.dumps({f"node{index}": 1}),
+                             "--dashboard-agent-listen-port", str(_free_port())]
         log = open(temp_dir / f"node{index}.log", "w")
         process = subprocess.Popen(command, env=cluster_env(temp_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         pids.append(process.pid)
@@ -82,6 +91,12 @@ def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_stor
             _wait_for_nodes(address, 1, timeout, temp_dir)
     _wait_for_nodes(address, nodes, timeout, temp_dir)
     return address
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _wait_for_nodes(address: str, count: int, timeout: float, temp_dir: Path) -> None:
@@ -119,12 +134,14 @@ def main(argv=None) -> int:
     up.add_argument("--port", type=int, default=6390)
     up.add_argument("--cpus-per-node", type=int, default=1)
     up.add_argument("--object-store-mb", type=int, default=300)
+    up.add_argument("--dashboard-port", type=int, help="run the dashboard and its job API on 127.0.0.1:PORT")
     up.add_argument("--temp-dir", type=Path, required=True)
     down = sub.add_parser("stop")
     down.add_argument("--temp-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.action == "start":
-        print(start(args.nodes, args.port, args.temp_dir, args.cpus_per_node, args.object_store_mb))
+        print(start(args.nodes, args.port, args.temp_dir, args.cpus_per_node, args.object_store_mb,
+                    dashboard_port=args.dashboard_port))
         if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
             print(f"clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={args.temp_dir / TOKEN_FILE}", file=sys.stderr)
     else:

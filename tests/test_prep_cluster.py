@@ -1,7 +1,7 @@
-"""The same prep on a two-node Ray cluster (two raylets on this machine) gives the same samples."""
+"""The same prep, submitted as a Ray job to a two-node Ray cluster (two raylets on this machine, token
+authentication on), gives the same samples."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from pipelines.prep import EXIT_OK
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
 import local_cluster  # noqa: E402  (the two_nodes fixture in conftest.py starts it)
+from conftest import submit_job  # noqa: E402
 
 
 def _samples(out: Path) -> dict:
@@ -29,12 +30,10 @@ def test_two_node_prep_gives_the_same_keys_and_tensors(tmp_path, corpus, prep_mo
     settings = {"max_duration": 6, "shard_size_mb": 0.002}
     on_cluster = tmp_path / "cluster"
     env = dict(local_cluster.cluster_env(), RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "acestep_dist.cli", "prep", str(corpus / "music"), "--model", str(prep_model),
-         "--out", str(on_cluster), "--address", two_nodes] + [f"{k}={v}" for k, v in settings.items()],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )
+    result = submit_job(two_nodes, "prep", str(corpus / "music"), "--model", str(prep_model), "--out", str(on_cluster),
+                        *[f"{k}={v}" for k, v in settings.items()], env=env)
     assert result.returncode == EXIT_OK, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "succeeded" in result.stdout + result.stderr  # the job's status, as `ray job submit` reports it
     # ... made with these settings but for the shard size
     same = {k: v for k, v in PrepConfig(**settings).model_dump().items() if k != "shard_size_mb"}
     prepared_with = json.loads((train_shards / "prep_report.json").read_text())["config"]
