@@ -35,11 +35,15 @@ STATE = "local_cluster.json"
 TOKEN_FILE = "auth_token"
 
 
+def _token_in_environment() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+
+
 def cluster_env(temp_dir: Path | None = None) -> dict[str, str]:
     """The environment of the cluster's processes and of its clients: token authentication with the
     environment's RAY_AUTH_TOKEN, else the token file of the cluster in ``temp_dir``."""
     env = dict(os.environ)
-    if not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
+    if not _token_in_environment():
         if temp_dir is None:
             raise ValueError("no RAY_AUTH_TOKEN in the environment: give the cluster's temp dir (its token file)")
         env["RAY_AUTH_TOKEN_PATH"] = str(temp_dir / TOKEN_FILE)
@@ -64,7 +68,7 @@ def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_stor
     its job API (`ray job submit --address http://127.0.0.1:PORT`), on loopback."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     token = temp_dir / TOKEN_FILE
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or token.exists()):
+    if not (_token_in_environment() or token.exists()):
         token.touch(mode=0o600)
         token.write_text(secrets.token_hex(32))
     address = f"127.0.0.1:{port}"
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     if args.action == "start":
         print(start(args.nodes, args.port, args.temp_dir, args.cpus_per_node, args.object_store_mb,
                     dashboard_port=args.dashboard_port))
-        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        if not _token_in_environment():
             print(f"clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={args.temp_dir / TOKEN_FILE}", file=sys.stderr)
     else:
         stop(args.temp_dir)

@@ -9,7 +9,6 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -135,32 +134,26 @@ def train_shards(tmp_path_factory, corpus, prep_model, ray_session) -> Path:
     return out
 
 
-@dataclass(frozen=True)
-class TwoNodes:
-    address: str  # the GCS, for --address
-    jobs: str  # the head's job API, for `ray job submit --address`
-
-
 @pytest.fixture(scope="session")
-def two_nodes() -> TwoNodes:
+def two_nodes() -> str:
     """A two-node Ray cluster on this machine (two raylets of 1 CPU each, started by cluster/local_cluster.py,
-    token authentication on, the head's job API on loopback), one for all tests that use it (they run
-    last, see below: an idle cluster costs CPU)."""
+    token authentication on), one for all tests that use it (they run last, see below: an idle cluster
+    costs CPU). Its value: the head's job API (on loopback), for `ray job submit --address`."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
     import local_cluster
 
     temp = Path(f"/tmp/acedist-test-{os.getpid()}-{random.randrange(10**6)}")  # short: Ray's socket paths
     port, dashboard = random.randrange(20000, 30000), random.randrange(30000, 40000)
     try:
-        address = local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300,
-                                      dashboard_port=dashboard)
-        yield TwoNodes(address, f"http://127.0.0.1:{dashboard}")
+        local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300,
+                            dashboard_port=dashboard)
+        yield f"http://127.0.0.1:{dashboard}"
     finally:
         local_cluster.stop(temp)
 
 
-def submit_job(cluster: TwoNodes, *acedist: str, env: dict[str, str], timeout: float = 900):
-    """``ray job submit -- python -m acestep_dist.cli ACEDIST...`` to the two-node cluster, as a user
+def submit_job(jobs: str, *acedist: str, env: dict[str, str], timeout: float = 900):
+    """``ray job submit -- python -m acestep_dist.cli ACEDIST...`` to the job API ``jobs``, as a user
     submits to theirs; the command's exit status is the job's. The job runs in another directory,
     so every path given is absolute (as the driver resolves them anyway), and it finds the cluster
     through RAY_ADDRESS, set by Ray for the job. No ``--working-dir``: the package is installed on
@@ -168,7 +161,7 @@ def submit_job(cluster: TwoNodes, *acedist: str, env: dict[str, str], timeout: f
     each unpacks an uploaded working dir again, under the other's running job."""
     root = Path(__file__).resolve().parents[1]
     ray = Path(sys.executable).with_name("ray")
-    command = [str(ray), "job", "submit", "--address", cluster.jobs, "--",
+    command = [str(ray), "job", "submit", "--address", jobs, "--",
                sys.executable, "-m", "acestep_dist.cli", *acedist]
     for _ in range(30):
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
