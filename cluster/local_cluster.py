@@ -4,6 +4,8 @@ for trying `--address` without real nodes.
     python cluster/local_cluster.py start --nodes 2 --port 6390 --temp-dir /tmp/acedist-cluster
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/acedist-cluster/auth_token
     acedist prep SONGS --model M --out OUT --address 127.0.0.1:6390
+    python cluster/local_cluster.py kill-node --node 1 --temp-dir /tmp/acedist-cluster   # a node lost
+    python cluster/local_cluster.py rejoin --node 1 --temp-dir /tmp/acedist-cluster      # ... and back
     python cluster/local_cluster.py stop --temp-dir /tmp/acedist-cluster
 
 Token authentication is on: the nodes use RAY_AUTH_TOKEN from the environment when it is set,
@@ -72,29 +74,108 @@ def start(nodes: int, port: int, temp_dir: Path, cpus_per_node: int, object_stor
         token.touch(mode=0o600)
         token.write_text(secrets.token_hex(32))
     address = f"127.0.0.1:{port}"
-    common = ["--block", "--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_mb * 1024**2),
-              "--disable-usage-stats"]
-    pids = []
+    state = {"address": address, "port": port, "cpus_per_node": cpus_per_node, "object_store_mb": object_store_mb,
+             "dashboard_port": dashboard_port, "pids": []}
     for index in range(nodes):
-        if index == 0:
-            command = [_ray_executable(), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                       "--temp-dir", str(temp_dir)]
-            command += (["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
-                        if dashboard_port else ["--include-dashboard=false"])
-        else:
-            command = [_ray_executable(), "start", "--address", address, "--node-ip-address", "127.0.0.1"]
-        # each node's dashboard agent (the job API's executor) on a port of its own: Ray's default
-        # (52365) is taken by any other Ray instance on this machine, and then jobs find no agent
-        command += common + ["--resources", json.dumps({f"node{index}": 1}),
-                             "--dashboard-agent-listen-port", str(_free_port())]
-        log = open(temp_dir / f"node{index}.log", "w")
-        process = subprocess.Popen(command, env=cluster_env(temp_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        pids.append(process.pid)
-        (temp_dir / STATE).write_text(json.dumps({"address": address, "pids": pids}))
+        _start_node(temp_dir, state, index)
         if index == 0:
             _wait_for_nodes(address, 1, timeout, temp_dir)
     _wait_for_nodes(address, nodes, timeout, temp_dir)
     return address
+
+
+def _start_node(temp_dir: Path, state: dict, index: int) -> None:
+    """Start node ``index`` (0: the head) as `ray start --block` in a process group of its own, and
+    record its PID in the cluster's state file (a node started again replaces its old PID)."""
+    address = state["address"]
+    if index == 0:
+        command = [_ray_executable(), "start", "--head", "--port", str(state["port"]), "--node-ip-address", "127.0.0.1",
+                   "--temp-dir", str(temp_dir)]
+        dashboard_port = state["dashboard_port"]
+        command += (["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
+                    if dashboard_port else ["--include-dashboard=false"])
+    else:
+        command = [_ray_executable(), "start", "--address", address, "--node-ip-address", "127.0.0.1"]
+    # each node's dashboard agent (the job API's executor) on a port of its own: Ray's default
+    # (52365) is taken by any other Ray instance on this machine, and then jobs find no agent
+    command += ["--block", "--num-cpus", str(state["cpus_per_node"]),
+                "--object-store-memory", str(state["object_store_mb"] * 1024**2), "--disable-usage-stats",
+                "--resources", json.dumps({f"node{index}": 1}), "--dashboard-agent-listen-port", str(_free_port())]
+    log = open(temp_dir / f"node{index}.log", "a")
+    process = subprocess.Popen(command, env=cluster_env(temp_dir), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    pids = state["pids"]
+    pids[index:index + 1] = [process.pid]
+    (temp_dir / STATE).write_text(json.dumps(state))
+
+
+def _state(temp_dir: Path) -> dict:
+    path = temp_dir / STATE
+    if not path.exists():
+        raise FileNotFoundError(f"no local cluster in {temp_dir} (no {STATE})")
+    return json.loads(path.read_text())
+
+
+def _processes_of(root: int) -> dict[int, str]:
+    """PID -> command line of process ``root`` and its live descendants: a node's processes (Ray
+    starts the node's workers in process groups of their own, so the group does not find them)."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # the fields after the parenthesised command name: state, ppid, ...
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we looked
+    found, frontier = set(), {root} & parents.keys()
+    while frontier:
+        found |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+    return {pid: commands[pid] for pid in found}
+
+
+def node_processes(temp_dir: Path, index: int) -> dict[int, str]:
+    """PID -> command line of node ``index``'s processes (its workers show as ``ray::Class.method``)."""
+    return _processes_of(_state(temp_dir)["pids"][index])
+
+
+def kill_raylet(temp_dir: Path, index: int, timeout: float = 60.0) -> int:
+    """SIGKILL node ``index``'s raylet, as when its machine dies; wait until the rest of that node
+    (its `ray start --block`, which ends the node's other processes when the raylet is gone, and
+    the workers, which end when their raylet does) has ended. The raylet's PID."""
+    processes = node_processes(temp_dir, index)
+    raylets = [pid for pid, command in processes.items() if command.split(" ")[0].endswith("/raylet")]
+    if len(raylets) != 1:
+        raise RuntimeError(f"node {index}: expected one raylet among its processes, found {raylets}")
+    os.kill(raylets[0], signal.SIGKILL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(pid) for pid in processes):
+        time.sleep(0.5)
+    for pid in processes:  # stragglers (a worker blocked in a call) go the same way
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return raylets[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rejoin(temp_dir: Path, index: int, timeout: float = 90.0) -> None:
+    """Start node ``index`` again (after `kill_raylet`): a new raylet with the same resources joins
+    the head, as a replaced machine does; wait until the cluster has all its nodes alive again."""
+    state = _state(temp_dir)
+    _start_node(temp_dir, state, index)
+    _wait_for_nodes(state["address"], len(state["pids"]), timeout, temp_dir)
 
 
 def _free_port() -> int:
@@ -142,12 +223,23 @@ def main(argv=None) -> int:
     up.add_argument("--temp-dir", type=Path, required=True)
     down = sub.add_parser("stop")
     down.add_argument("--temp-dir", type=Path, required=True)
+    lose = sub.add_parser("kill-node", help="SIGKILL a worker node's raylet (a node lost)")
+    back = sub.add_parser("rejoin", help="start a killed node again")
+    for command in (lose, back):
+        command.add_argument("--temp-dir", type=Path, required=True)
+        command.add_argument("--node", type=int, required=True, help="the node's index (1, 2, ...; 0 is the head)")
     args = parser.parse_args(argv)
     if args.action == "start":
         print(start(args.nodes, args.port, args.temp_dir, args.cpus_per_node, args.object_store_mb,
                     dashboard_port=args.dashboard_port))
         if not _token_in_environment():
             print(f"clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={args.temp_dir / TOKEN_FILE}", file=sys.stderr)
+    elif args.action == "kill-node":
+        if args.node == 0:
+            parser.error("node 0 is the head: losing it ends the cluster (use stop)")
+        print(f"killed node {args.node}'s raylet (pid {kill_raylet(args.temp_dir, args.node)})")
+    elif args.action == "rejoin":
+        rejoin(args.temp_dir, args.node)
     else:
         stop(args.temp_dir)
     return 0

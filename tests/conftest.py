@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # CI has the corpus beside the checkout; ACESTEP_CORPUS points elsewhere.
+ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("ACESTEP_CORPUS") or Path(__file__).resolve().parents[1].parent / "shared" / "corpus")
 
 
@@ -134,11 +137,17 @@ def train_shards(tmp_path_factory, corpus, prep_model, ray_session) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class LocalCluster:
+    jobs: str  # the head's job API (on loopback), for `ray job submit --address`
+    temp_dir: Path  # its folder, for local_cluster's kill_raylet and rejoin
+
+
 @pytest.fixture(scope="session")
-def two_nodes() -> str:
+def two_nodes() -> LocalCluster:
     """A two-node Ray cluster on this machine (two raylets of 1 CPU each, started by cluster/local_cluster.py,
     token authentication on), one for all tests that use it (they run last, see below: an idle cluster
-    costs CPU). Its value: the head's job API (on loopback), for `ray job submit --address`."""
+    costs CPU)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
     import local_cluster
 
@@ -147,29 +156,49 @@ def two_nodes() -> str:
     try:
         local_cluster.start(nodes=2, port=port, temp_dir=temp, cpus_per_node=1, object_store_mb=300,
                             dashboard_port=dashboard)
-        yield f"http://127.0.0.1:{dashboard}"
+        yield LocalCluster(f"http://127.0.0.1:{dashboard}", temp)
     finally:
         local_cluster.stop(temp)
 
 
-def submit_job(jobs: str, *acedist: str, env: dict[str, str], timeout: float = 900):
+def submit_job(jobs: str, *acedist: str, env: dict[str, str], timeout: float = 900, wait: bool = True,
+               submission_id: str | None = None, job_env: dict[str, str] | None = None):
     """``ray job submit -- python -m acestep_dist.cli ACEDIST...`` to the job API ``jobs``, as a user
-    submits to theirs; the command's exit status is the job's. The job runs in another directory,
+    submits to theirs; the command's exit status is the job's (``wait=False``: it returns once the
+    job is submitted; see `job_outcome`). The job runs in another directory,
     so every path given is absolute (as the driver resolves them anyway), and it finds the cluster
-    through RAY_ADDRESS, set by Ray for the job. No ``--working-dir``: the package is installed on
+    through RAY_ADDRESS, set by Ray for the job. ``job_env``: variables for the job (its runtime env).
+    No ``--working-dir``: the package is installed on
     the nodes (as the recipes install it), and here both raylets share one session folder, where
     each unpacks an uploaded working dir again, under the other's running job."""
-    root = Path(__file__).resolve().parents[1]
-    ray = Path(sys.executable).with_name("ray")
-    command = [str(ray), "job", "submit", "--address", jobs, "--",
-               sys.executable, "-m", "acestep_dist.cli", *acedist]
+    command = [_ray_command(), "job", "submit", "--address", jobs]
+    command += [] if wait else ["--no-wait"]
+    command += ["--submission-id", submission_id] if submission_id else []
+    command += ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
+    command += ["--", sys.executable, "-m", "acestep_dist.cli", *acedist]
     for _ in range(30):
-        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
         # a head that has just started may not have its job agent up yet: Ray says to try again (no job was made)
         if "No available agent to submit job" not in result.stderr:
             return result
         time.sleep(2.0)
     return result
+
+
+def job_outcome(jobs: str, submission_id: str, env: dict[str, str], timeout: float = 900) -> tuple[str, str]:
+    """``(status, logs)`` of a job submitted with ``wait=False``, once it has ended."""
+    ray = _ray_command()
+    logs = subprocess.run([ray, "job", "logs", "--address", jobs, "--follow", submission_id], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout).stdout
+    status = subprocess.run([ray, "job", "status", "--address", jobs, submission_id], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=120)
+    # "Job 'ID' succeeded" (Ray's words, coloured) or "Status for job 'ID': FAILED"
+    found = re.search(r"\b(succeeded|failed|stopped|pending|running)\b", status.stdout + status.stderr, re.IGNORECASE)
+    return found.group(1).upper() if found else f"UNKNOWN ({status.stdout[-500:]} {status.stderr[-500:]})", logs
+
+
+def _ray_command() -> str:
+    return str(Path(sys.executable).with_name("ray"))
 
 
 def pytest_collection_modifyitems(items):

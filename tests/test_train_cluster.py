@@ -22,13 +22,13 @@ def test_two_node_training_gives_the_weights_of_one_process(tmp_path, train_shar
                                                             reference_run):
     on_cluster = tmp_path / "cluster-run"
     env = local_cluster.cluster_env()
-    result = submit_job(two_nodes, "train", "--data", str(train_shards), "--model", str(prep_model),
+    result = submit_job(two_nodes.jobs, "train", "--data", str(train_shards), "--model", str(prep_model),
                         "--output", str(on_cluster), "--nodes", "2", *[f"{k}={v}" for k, v in SETTINGS.items()], env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "train: on CPU: no GPU on the cluster's live nodes" in result.stdout  # --gpus-per-node auto, said
     assert "weights in" in result.stdout
     exported = tmp_path / "exported"
-    result = submit_job(two_nodes, "export", str(on_cluster), "--out", str(exported), "--format", "comfyui", env=env)
+    result = submit_job(two_nodes.jobs, "export", str(on_cluster), "--out", str(exported), "--format", "comfyui", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     [comfy] = (exported / "comfyui").glob("*.safetensors")
 
