@@ -128,7 +128,7 @@ def _processes_of(root: int) -> dict[int, str]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             if fields[0] != "Z":
                 parents[int(entry.name)] = int(fields[1])
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                commands[int(entry.name)] = _command(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue  # ended while we looked
     found, frontier = set(), {root} & parents.keys()
@@ -155,12 +155,20 @@ def kill_raylet(temp_dir: Path, index: int, timeout: float = 60.0) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline and any(_alive(pid) for pid in processes):
         time.sleep(0.5)
-    for pid in processes:  # stragglers (a worker blocked in a call) go the same way
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid, command in processes.items():  # stragglers (a worker blocked in a call) go the same way
+        if _alive(pid) and _command(pid) == command:  # (not a process that has since taken an ended one's PID)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     return raylets[0]
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -174,6 +182,8 @@ def rejoin(temp_dir: Path, index: int, timeout: float = 90.0) -> None:
     """Start node ``index`` again (after `kill_raylet`): a new raylet with the same resources joins
     the head, as a replaced machine does; wait until the cluster has all its nodes alive again."""
     state = _state(temp_dir)
+    if _alive(state["pids"][index]):
+        raise RuntimeError(f"node {index} is running (kill it first: kill-node --node {index})")
     _start_node(temp_dir, state, index)
     _wait_for_nodes(state["address"], len(state["pids"]), timeout, temp_dir)
 

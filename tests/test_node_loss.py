@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from acestep_dist import faults
@@ -26,6 +27,8 @@ from conftest import TRAIN_COMMON, job_outcome, submit_job
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
 import local_cluster  # noqa: E402  (the two_nodes fixture in conftest.py starts it)
+
+pytestmark = pytest.mark.slow  # a two-node cluster and Ray jobs: minutes
 
 LOST = 1  # the worker node that is lost (node 0 is the head, where the jobs' drivers run)
 
@@ -108,9 +111,10 @@ def test_training_that_loses_a_node_restarts_from_its_checkpoint_and_ends_with_t
                            "--output", str(run), "--nodes", "2", *[f"{k}={v}" for k, v in settings.items()],
                            env=env, wait=False, submission_id=job, job_env={faults.VARIABLE: hold})
     assert submitted.returncode == 0, submitted.stderr[-3000:]
-    _wait_for(lambda: list(run.glob("checkpoint_2*")), "the run's first checkpoint")
-    # Ray's controller registers a reported checkpoint by polling its workers (every 0.5 s here)
-    time.sleep(8.0)
+    # the first checkpoint (step 5) as Ray's controller has registered it: it writes its snapshot
+    # of the run's checkpoints then (a restart resumes from the snapshot's newest)
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    _wait_for(lambda: snapshot.exists() and "checkpoint_2" in snapshot.read_text(), "the run's first checkpoint")
     assert any(command.startswith("ray::RayTrainWorker")
                for command in local_cluster.node_processes(two_nodes.temp_dir, LOST).values())
     _lose_and_rejoin(two_nodes)

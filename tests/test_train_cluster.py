@@ -4,6 +4,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
@@ -13,6 +14,8 @@ from conftest import TRAIN_COMMON, submit_job, timestep_histograms  # TRAIN_COMM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
 import local_cluster  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a two-node cluster and Ray jobs: minutes
 
 # one worker of batch 1 on each node: reference_run's global batch of 2, its recipe and ZeRO stage
 SETTINGS = dict(TRAIN_COMMON, train_batch_size=1, zero_stage=2)
