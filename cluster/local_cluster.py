@@ -138,9 +138,16 @@ def _processes_of(root: int) -> dict[int, str]:
     return {pid: commands[pid] for pid in found}
 
 
+def _node_pid(state: dict, index: int) -> int:
+    """The PID of node ``index``'s `ray start --block`."""
+    if not 0 <= index < len(state["pids"]):
+        raise RuntimeError(f"no node {index}: the cluster's nodes are 0-{len(state['pids']) - 1}")
+    return state["pids"][index]
+
+
 def node_processes(temp_dir: Path, index: int) -> dict[int, str]:
     """PID -> command line of node ``index``'s processes (its workers show as ``ray::Class.method``)."""
-    return _processes_of(_state(temp_dir)["pids"][index])
+    return _processes_of(_node_pid(_state(temp_dir), index))
 
 
 def kill_raylet(temp_dir: Path, index: int, timeout: float = 60.0) -> int:
@@ -182,7 +189,7 @@ def rejoin(temp_dir: Path, index: int, timeout: float = 90.0) -> None:
     """Start node ``index`` again (after `kill_raylet`): a new raylet with the same resources joins
     the head, as a replaced machine does; wait until the cluster has all its nodes alive again."""
     state = _state(temp_dir)
-    if _alive(state["pids"][index]):
+    if _alive(_node_pid(state, index)):
         raise RuntimeError(f"node {index} is running (kill it first: kill-node --node {index})")
     _start_node(temp_dir, state, index)
     _wait_for_nodes(state["address"], len(state["pids"]), timeout, temp_dir)
@@ -244,12 +251,17 @@ def main(argv=None) -> int:
                     dashboard_port=args.dashboard_port))
         if not _token_in_environment():
             print(f"clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={args.temp_dir / TOKEN_FILE}", file=sys.stderr)
-    elif args.action == "kill-node":
+    elif args.action in ("kill-node", "rejoin"):
         if args.node == 0:
             parser.error("node 0 is the head: losing it ends the cluster (use stop)")
-        print(f"killed node {args.node}'s raylet (pid {kill_raylet(args.temp_dir, args.node)})")
-    elif args.action == "rejoin":
-        rejoin(args.temp_dir, args.node)
+        try:
+            if args.action == "kill-node":
+                print(f"killed node {args.node}'s raylet (pid {kill_raylet(args.temp_dir, args.node)})")
+            else:
+                rejoin(args.temp_dir, args.node)
+        except (OSError, RuntimeError) as error:
+            print(f"local_cluster: {error}", file=sys.stderr)
+            return 1
     else:
         stop(args.temp_dir)
     return 0

@@ -196,3 +196,19 @@ def test_every_acedist_command_in_the_recipes_parses():
         overrides = context.params.get("overrides")
         if overrides:  # key=value settings: the recipe's schema checks names and values
             load_config({"prep": PrepConfig, "train": TrainConfig}[words[1]], None, list(overrides))
+
+
+def test_local_cluster_refuses_to_lose_the_head_and_names_what_is_missing(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+    import local_cluster
+
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error
+        local_cluster.main(["kill-node", "--node", "0", "--temp-dir", str(tmp_path)])
+    assert refused.value.code == 2 and "node 0 is the head" in capsys.readouterr().err
+    assert local_cluster.main(["rejoin", "--node", "1", "--temp-dir", str(tmp_path)]) == 1
+    assert f"no local cluster in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / local_cluster.STATE).write_text(json.dumps({"address": "127.0.0.1:1", "pids": [1, 2]}))
+    assert local_cluster.main(["kill-node", "--node", "5", "--temp-dir", str(tmp_path)]) == 1
+    assert "no node 5: the cluster's nodes are 0-1" in capsys.readouterr().err
