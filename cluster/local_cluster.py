@@ -119,23 +119,16 @@ def _state(temp_dir: Path) -> dict:
 def _processes_of(root: int) -> dict[int, str]:
     """PID -> command line of process ``root`` and its live descendants: a node's processes (Ray
     starts the node's workers in process groups of their own, so the group does not find them)."""
-    parents, commands = {}, {}
+    parents = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # the fields after the parenthesised command name: state, ppid, ...
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-                commands[int(entry.name)] = _command(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue  # ended while we looked
+        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat and stat[0] != "Z":
+            parents[int(entry.name)] = stat[1]
     found, frontier = set(), {root} & parents.keys()
     while frontier:
         found |= frontier
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-    return {pid: commands[pid] for pid in found}
+    return {pid: _command(pid) for pid in found}
 
 
 def _node_pid(state: dict, index: int) -> int:
@@ -171,6 +164,16 @@ def kill_raylet(temp_dir: Path, index: int, timeout: float = 60.0) -> int:
     return raylets[0]
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent PID) of a process; None once it has ended."""
+    try:
+        # the fields after the parenthesised command name: state, ppid, ...
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _command(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -179,10 +182,8 @@ def _command(pid: int) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def rejoin(temp_dir: Path, index: int, timeout: float = 90.0) -> None:

@@ -32,7 +32,9 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # CI has the corpus beside the checkout; ACESTEP_CORPUS points elsewhere.
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("ACESTEP_CORPUS") or Path(__file__).resolve().parents[1].parent / "shared" / "corpus")
+CORPUS = Path(os.environ.get("ACESTEP_CORPUS") or ROOT.parent / "shared" / "corpus")
+# cluster/local_cluster.py is a script beside the package, not part of it: the tests import it as `local_cluster`
+sys.path.insert(0, str(ROOT / "cluster"))
 
 
 def timestep_histograms(run: Path) -> dict[int, tuple]:
@@ -71,6 +73,17 @@ def train_with_a_killed_worker(monkeypatch, config, data: Path, model: Path, run
     assert result.steps == (config.max_train_steps or result.steps)
     restarted_at = (step - 1) // config.checkpointing_steps * config.checkpointing_steps
     assert json.loads((run / "final" / "acedist_state.json").read_text())["started_at_step"] == restarted_at
+
+
+def samples_by_key(out: Path) -> dict[str, dict]:
+    """key -> sample of every sample in the shards of prep's output folder ``out``."""
+    from acestep_dist.shards import iter_samples
+
+    samples = {}
+    for tar in sorted(out.glob("shard-*.tar")):
+        with open(tar, "rb") as f:
+            samples.update((sample["key"], sample) for sample in iter_samples(f))
+    return samples
 
 
 @pytest.fixture(scope="session")
@@ -148,7 +161,6 @@ def two_nodes() -> LocalCluster:
     """A two-node Ray cluster on this machine (two raylets of 1 CPU each, started by cluster/local_cluster.py,
     token authentication on), one for all tests that use it (they run last, see below: an idle cluster
     costs CPU)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
     import local_cluster
 
     temp = Path(f"/tmp/acedist-test-{os.getpid()}-{random.randrange(10**6)}")  # short: Ray's socket paths

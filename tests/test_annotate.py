@@ -202,8 +202,9 @@ def test_all_replaces_given_values_and_keeps_them_in_the_file(tmp_path):
 def test_prep_estimate_missing_fills_only_what_the_source_lacks_and_marks_it(corpus, tmp_path, prep_model, ray_session):
     from acestep_dist.families.ace_step_15.prompts import text_prompt
     from acestep_dist.records import Record
-    from acestep_dist.shards import iter_samples
     from pipelines.prep import EXIT_OK, run_prep
+
+    from conftest import samples_by_key
 
     folder = tmp_path / "songs"
     folder.mkdir()
@@ -217,8 +218,7 @@ def test_prep_estimate_missing_fills_only_what_the_source_lacks_and_marks_it(cor
     result = run_prep(str(folder), str(prep_model), str(out), PrepConfig(max_duration=8, estimate_missing=True),
                       log=lambda _: None)
     assert result.exit_code == EXIT_OK
-    filled = {sample["key"]: sample["meta"] for tar in sorted(out.glob("shard-*.tar"))
-              for sample in iter_samples(open(tar, "rb"))}
+    filled = {key: sample["meta"] for key, sample in samples_by_key(out).items()}
     chorale, mozart = filled["chorale_bwv269_aus_meines_herzens_grunde"], filled["piano_mozart_k545_allegro"]
     assert chorale["keyscale"] == "G major" and mozart["bpm"] == 131  # given: untouched
     assert set(chorale["estimated"]) == {"bpm", "timesignature", "language"} and chorale["language"] == "de"

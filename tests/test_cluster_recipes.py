@@ -199,10 +199,7 @@ def test_every_acedist_command_in_the_recipes_parses():
 
 
 def test_local_cluster_refuses_to_lose_the_head_and_names_what_is_missing(tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
-    import local_cluster
+    import local_cluster  # cluster/, on the path by conftest.py
 
     with pytest.raises(SystemExit) as refused:  # argparse's usage error
         local_cluster.main(["kill-node", "--node", "0", "--temp-dir", str(tmp_path)])

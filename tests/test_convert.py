@@ -15,8 +15,9 @@ import torch
 from acestep_dist.config import PrepConfig
 from acestep_dist.convert import EXIT_OK, EXIT_PARTIAL, convert_dataset, report_path
 from acestep_dist.errors import UserError
-from acestep_dist.shards import iter_samples
 from acestep_dist.sources import SourceError, load_source
+
+from conftest import samples_by_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,14 +86,6 @@ def workdir(tmp_path, corpus) -> Path:
         songs.append((key, f"data/{name or 'gone.mp3'}", tags, lyrics, recaption))
     save_upstream(tmp_path / "ds", songs, repeat=3)
     return tmp_path
-
-
-def _samples(out: Path) -> dict[str, dict]:
-    samples = {}
-    for tar in sorted(out.glob("shard-*.tar")):
-        with open(tar, "rb") as f:
-            samples.update((sample["key"], sample) for sample in iter_samples(f))
-    return samples
 
 
 def _manifest(path: Path) -> list[dict]:
@@ -249,7 +242,7 @@ def test_prep_of_converted_manifest_equals_prep_of_the_folder(tmp_path, corpus, 
     for name, source in [("folder", folder), ("manifest", tmp_path / "songs.jsonl")]:
         out = tmp_path / f"shards-{name}"
         assert run_prep(str(source), str(prep_model), str(out), config, log=lambda _: None).exit_code == 0
-        preps[name] = _samples(out)
+        preps[name] = samples_by_key(out)
     reference = preps.pop("folder")
     assert set(reference) == set(names)
     for name, samples in preps.items():

@@ -9,9 +9,7 @@ would check a subset of what it checks, for another half minute of CI)."""
 
 import json
 import secrets
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,26 +17,13 @@ import torch
 from acestep_dist import faults
 from acestep_dist.config import PrepConfig
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
-from acestep_dist.shards import iter_samples
-from pipelines.prep import EXIT_OK
 
-from conftest import TRAIN_COMMON, job_outcome, submit_job
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "cluster"))
-import local_cluster  # noqa: E402  (the two_nodes fixture in conftest.py starts it)
+import local_cluster  # cluster/, on the path by conftest.py (whose two_nodes fixture starts the cluster)
+from conftest import TRAIN_COMMON, job_outcome, samples_by_key, submit_job
 
 pytestmark = pytest.mark.slow  # a two-node cluster and Ray jobs: minutes
 
 LOST = 1  # the worker node that is lost (node 0 is the head, where the jobs' drivers run)
-
-
-def _samples(out: Path) -> dict:
-    found = {}
-    for tar in sorted(out.glob("shard-*.tar")):
-        with open(tar, "rb") as f:
-            found.update({s["key"]: s for s in iter_samples(f)})
-    return found
 
 
 def _wait_for(condition, what: str, timeout: float = 600.0, every: float = 0.2):
@@ -89,7 +74,7 @@ def test_prep_that_loses_a_node_mid_job_writes_the_samples_of_an_undisturbed_run
     same = {k: v for k, v in PrepConfig(**settings).model_dump().items() if k != "shard_size_mb"}
     prepared_with = json.loads((train_shards / "prep_report.json").read_text())["config"]
     assert {k: prepared_with[k] for k in same} == same
-    expected, got = _samples(train_shards), _samples(out)
+    expected, got = samples_by_key(train_shards), samples_by_key(out)
     assert set(got) == set(expected) and len(got) == 12
     for key in expected:
         assert torch.equal(got[key]["latent_mean"], expected[key]["latent_mean"])

@@ -23,16 +23,9 @@ from acestep_dist.errors import UserError
 from acestep_dist.shards import iter_samples
 from pipelines.prep import EXIT_OK, run_prep
 
+from conftest import samples_by_key
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _samples(out: Path) -> dict[str, dict]:
-    samples = {}
-    for tar in sorted(out.glob("shard-*.tar")):
-        with open(tar, "rb") as f:
-            for sample in iter_samples(f):
-                samples[sample["key"]] = sample
-    return samples
 
 
 def _env() -> dict[str, str]:
@@ -53,7 +46,7 @@ def test_all_music_tracks_become_samples_with_their_metadata(music, corpus):
     assert result.exit_code == EXIT_OK
     with open(corpus / "music" / "metadata.csv", newline="") as f:
         truth = {Path(row["file"]).stem: row for row in csv.DictReader(f)}
-    samples = _samples(out)
+    samples = samples_by_key(out)
     assert set(samples) == set(truth) and len(samples) == 12
     for key, sample in samples.items():
         meta, row = sample["meta"], truth[key]
@@ -143,7 +136,7 @@ def test_killed_prep_resumes_to_the_same_samples(tmp_path, corpus, prep_model, t
     assert run_prep(str(corpus / "music"), str(prep_model), str(out), config, log=lines.append).exit_code == EXIT_OK
     assert f"({finished} already finished)" in lines[0]
     assert not list(out.glob("*.tmp"))
-    expected, got = _samples(train_shards), _samples(out)
+    expected, got = samples_by_key(train_shards), samples_by_key(out)
     assert set(got) == set(expected) and len(got) == 12
     for key in expected:
         assert got[key]["meta"] == expected[key]["meta"]
@@ -198,7 +191,7 @@ def test_alternative_captions_are_encoded_beside_the_caption(tmp_path, corpus, p
     out = tmp_path / "out"
     assert run_prep(str(manifest), str(prep_model), str(out), PrepConfig(max_duration=4),
                     log=lambda _: None).exit_code == EXIT_OK
-    samples = _samples(out)
+    samples = samples_by_key(out)
     with_alt, plain = samples["with_alt"], samples["alt_as_caption"]
     assert with_alt["meta"]["alt_captions"] == ["calm piano ballad", "a"]
     assert torch.equal(with_alt["alt_text_states_0"], plain["text_states"])  # as if it were the caption

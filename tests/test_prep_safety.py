@@ -33,7 +33,7 @@ from acestep_dist.records import Record
 from acestep_dist.sources import Problem, SourceListing
 from pipelines.prep import EXIT_FATAL, EXIT_PARTIAL, run_prep
 
-from test_prep import _samples  # key -> sample of every shard in a prep output
+from conftest import samples_by_key
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 48000
@@ -299,7 +299,7 @@ def mixed(tmp_path_factory, prep_model, ray_session):
 def test_only_the_guilty_rows_are_rejected_and_counted_per_row(mixed):
     out, result, _, _ = mixed
     assert result.exit_code == EXIT_PARTIAL
-    assert set(_samples(out)) == {f"{key}__seg{i:03d}" for key in ("song", "song_again", "surround", "other") for i in (0, 1)}
+    assert set(samples_by_key(out)) == {f"{key}__seg{i:03d}" for key in ("song", "song_again", "surround", "other") for i in (0, 1)}
     errors = {e.get("key", "(source)"): e for e in _lines(out / "errors.jsonl")}
     assert set(errors) == {"bad_lyrics", "truncated", "(source)"}  # one line per rejected input
     assert errors["bad_lyrics"]["stage"] == "encode_text" and errors["bad_lyrics"]["reason"].startswith("AttributeError")
@@ -404,7 +404,7 @@ def test_every_broken_input_is_handled_as_expected_md_says(tmp_path, corpus, pre
     warnings: dict[str, list[str]] = {}
     for w in _lines(out / "warnings.jsonl"):
         warnings.setdefault(Path(w["input"]).name, []).append(w["reason"])
-    written = {Path(sample["meta"]["source"]).name: sample for sample in _samples(out).values()}
+    written = {Path(sample["meta"]["source"]).name: sample for sample in samples_by_key(out).values()}
     for name in good:
         assert name in written and name not in errors, name
     for name, (kind, gist) in expected.items():

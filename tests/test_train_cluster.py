@@ -1,19 +1,13 @@
 """`acedist train --nodes 2`, then `acedist export`, submitted as Ray jobs to a two-node Ray cluster
 (two raylets on this machine, token authentication on)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from acestep_dist.families.ace_step_15.lora_formats import read_lora
 
+import local_cluster  # cluster/, on the path by conftest.py
 from conftest import TRAIN_COMMON, submit_job, timestep_histograms  # TRAIN_COMMON: the reference_run fixture's settings
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "cluster"))
-import local_cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a two-node cluster and Ray jobs: minutes
 

@@ -22,6 +22,8 @@ from acestep_dist.errors import UserError
 from acestep_dist.families import get as get_family
 from acestep_dist.families.base import SampleSchema, TensorSpec
 
+from conftest import samples_by_key
+
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,16 +148,6 @@ def plain_shards(tmp_path_factory, songs, v1_model, ray_session) -> Path:
     return _prep(songs, v1_model, tmp_path_factory.mktemp("plain-shards") / "shards")
 
 
-def _samples(shards: Path) -> dict[str, dict]:
-    from acestep_dist.shards import iter_samples
-
-    samples = {}
-    for tar in sorted(shards.glob("shard-*.tar")):
-        with open(tar, "rb") as f:
-            samples.update({s["key"]: s for s in iter_samples(f)})
-    return samples
-
-
 # ------------------------------------------------------------------- upstream's recipe, rewritten
 def _upstream_ssl(model, wave: torch.Tensor, rate: int, chunk_seconds: int) -> torch.Tensor:
     """Upstream trainer.py's infer_mert_ssl / infer_mhubert_ssl for a batch of one clip (torchaudio's
@@ -194,7 +186,7 @@ def _decoded(path: Path) -> torch.Tensor:
 def test_prep_stores_upstreams_ssl_states_of_the_cropped_audio(ssl_shards, plain_shards, ssl_models, songs):
     from transformers import HubertModel
 
-    samples, plain = _samples(ssl_shards), _samples(plain_shards)
+    samples, plain = samples_by_key(ssl_shards), samples_by_key(plain_shards)
     assert sorted(samples) == sorted(CLIPS)
     models = {name: HubertModel.from_pretrained(str(ssl_models[name])).eval() for name in ("mert", "mhubert")}
     for key, seconds in CLIPS.items():
