@@ -4,8 +4,11 @@ Chosen by measurement against librosa's estimators and several key profiles (ben
 "annotate"); numpy and scipy only, about 0.3 CPU-seconds per minute of audio. Every parameter is
 a published value or a stated convention; none was fitted to any collection.
 
-- Onsets: spectral flux of a log-compressed 64-band mel spectrogram (2048-point STFT, 256 hop at
-  22050 Hz), minus its 1-s moving mean, half-wave rectified.
+- Onsets: spectral flux of a log-compressed log-frequency spectrogram (2048-point STFT, 256 hop at
+  22050 Hz; triangular filters 12 to the octave from 30 Hz to 11025 Hz, the front end of Böck's
+  onset and beat detectors, merged where the STFT cannot resolve them), minus its 1-s moving mean,
+  half-wave rectified. A semitone filter sees a legato note change that a mel band, two or more
+  semitones wide above 1 kHz, averages away (measured: bench/README.md, "annotate").
 - Tempo: the onset envelope's autocorrelation combed over the beat period and its multiples 2-4,
   for 40-240 beats per minute, weighted by a log-Gaussian prior at 120 bpm, 1.4 octaves wide
   (Ellis 2007). bpm is written in quarter notes per minute, as DAWs and MIDI count it: the beat
@@ -37,7 +40,7 @@ import numpy as np
 ANALYSIS_RATE = 22050
 ONSET_FFT, ONSET_HOP = 2048, 256
 CHROMA_FFT, CHROMA_HOP = 8192, 2048
-MEL_BANDS, MEL_LOW, MEL_HIGH = 64, 30.0, 11025.0
+BANDS_PER_OCTAVE, BANDS_LOW, BANDS_HIGH = 12, 30.0, 11025.0
 BPM_GRID = np.arange(40.0, 240.0 + 1e-9, 0.5)
 PRIOR_BPM, PRIOR_OCTAVES = 120.0, 1.4
 BPM_RANGE = (30, 300)  # what the prompt accepts (fields.BPM_MIN / BPM_MAX)
@@ -79,25 +82,23 @@ def magnitude(mono: np.ndarray, size: int, hop: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _mel_filters(size: int, rate: int) -> np.ndarray:
-    """Triangular filters equally spaced on the HTK mel scale."""
-    def mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    edges = 700.0 * (10 ** (np.linspace(mel(MEL_LOW), mel(MEL_HIGH), MEL_BANDS + 2) / 2595.0) - 1.0)
-    freqs = np.arange(size // 2 + 1) * rate / size
-    filters = np.zeros((MEL_BANDS, freqs.size), np.float32)
-    for band in range(MEL_BANDS):
-        low, centre, high = edges[band:band + 3]
-        filters[band] = np.clip(np.minimum((freqs - low) / (centre - low), (high - freqs) / (high - centre)), 0, None)
-    return filters
+def _log_filters(size: int, rate: int) -> np.ndarray:
+    """Triangular filters centred 12 to the octave (on A440), each of unit area; where neighbouring
+    centres fall in the same STFT bin (low notes) they are one filter."""
+    semitones = np.arange(np.ceil(BANDS_PER_OCTAVE * np.log2(BANDS_LOW / 440.0)), np.floor(BANDS_PER_OCTAVE * np.log2(BANDS_HIGH / 440.0)) + 1)
+    centres = np.unique(np.round(440.0 * 2 ** (semitones / BANDS_PER_OCTAVE) * size / rate).astype(int))
+    filters = np.zeros((centres.size - 2, size // 2 + 1), np.float32)
+    for band, (low, centre, high) in enumerate(zip(centres[:-2], centres[1:-1], centres[2:])):
+        filters[band, low: centre + 1] = np.linspace(0.0, 1.0, centre - low + 1)
+        filters[band, centre: high + 1] = np.linspace(1.0, 0.0, high - centre + 1)
+    return filters / filters.sum(axis=1, keepdims=True)
 
 
 def onset_envelope(spectrum: np.ndarray) -> tuple[np.ndarray, float]:
     """Spectral flux of ``spectrum`` (``ONSET_FFT`` / ``ONSET_HOP``), frames per second."""
     from scipy.ndimage import uniform_filter1d
 
-    bands = np.log1p(100.0 * (_mel_filters(ONSET_FFT, ANALYSIS_RATE) @ spectrum))
+    bands = np.log1p(100.0 * (_log_filters(ONSET_FFT, ANALYSIS_RATE) @ spectrum))
     flux = np.concatenate([[0.0], np.maximum(0.0, np.diff(bands, axis=1)).sum(axis=0)])
     rate = ANALYSIS_RATE / ONSET_HOP
     flux = flux - uniform_filter1d(flux, size=int(round(rate)), mode="nearest")
