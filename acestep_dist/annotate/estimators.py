@@ -85,7 +85,8 @@ def magnitude(mono: np.ndarray, size: int, hop: int) -> np.ndarray:
 def _log_filters(size: int, rate: int) -> np.ndarray:
     """Triangular filters centred 12 to the octave (on A440), each of unit area; where neighbouring
     centres fall in the same STFT bin (low notes) they are one filter."""
-    semitones = np.arange(np.ceil(BANDS_PER_OCTAVE * np.log2(BANDS_LOW / 440.0)), np.floor(BANDS_PER_OCTAVE * np.log2(BANDS_HIGH / 440.0)) + 1)
+    lowest, highest = BANDS_PER_OCTAVE * np.log2(np.array([BANDS_LOW, BANDS_HIGH]) / 440.0)
+    semitones = np.arange(np.ceil(lowest), np.floor(highest) + 1)
     centres = np.unique(np.round(440.0 * 2 ** (semitones / BANDS_PER_OCTAVE) * size / rate).astype(int))
     filters = np.zeros((centres.size - 2, size // 2 + 1), np.float32)
     for band, (low, centre, high) in enumerate(zip(centres[:-2], centres[1:-1], centres[2:])):
