@@ -36,8 +36,9 @@ def test_the_corpus_estimates_stay_where_they_were_measured(corpus):
         path = corpus / "music" / row["file"]
         window = decode_window(path, 0.0, 600.0, probe_audio(path).sample_rate)
         found = estimate_music(soxr.resample(window.wave.mean(axis=0), window.sample_rate, 22050, "HQ"))
-        tempo += tempo_ratio(found["bpm"].value, float(row["bpm"])) in ACCURACY_2
-        strict += tempo_ratio(found["bpm"].value, float(row["bpm"])) == "1"
+        ratio = tempo_ratio(found["bpm"].value, float(row["bpm"]))
+        tempo += ratio in ACCURACY_2
+        strict += ratio == "1"
         key += mirex_key_score(found["keyscale"].value, row["keyscale"])
         metre += found["timesignature"].value == row["timesignature"]
         lyrics = path.with_suffix(".lyrics")
