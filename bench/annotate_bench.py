@@ -69,17 +69,19 @@ def _click(out: np.ndarray, start: float, gain: float, rng) -> None:
         out[first: first + count] += gain * noise * np.exp(-np.arange(count) / ANALYSIS_RATE / 0.006)
 
 
-def synthetic_song(index: int, seconds: float = 30.0) -> dict:
-    """A clip of known tempo, key and metre: I-IV-V-I (minor: harmonic-minor V), one chord a bar,
-    the bass root and a click on every beat (the downbeat louder), softer clicks on the
-    subdivisions (in 6/8 eighths in threes under a dotted-quarter beat), a diatonic melody."""
+def synthetic_song(index: int, seconds: float = 30.0, metres: tuple[int, ...] = (3, 4, 6)) -> dict:
+    """A clip of known tempo, key and metre (``metres`` in turn): I-IV-V-I (minor: harmonic-minor
+    V), one chord a bar, the bass root and a click on every beat (the downbeat louder), softer
+    clicks on the subdivisions (in 6/8, 9/8 and 12/8 eighths in threes under a dotted-quarter
+    beat), a diatonic melody."""
     rng = np.random.default_rng(12345 + 7919 * index)
-    numerator = (3, 4, 6)[index % 3]
+    numerator = metres[index % len(metres)]
     bpm = float(rng.uniform(60, 180))
     tonic, mode = int(rng.integers(12)), ("major", "minor")[int(rng.integers(2))]
     scale = (0, 2, 4, 5, 7, 9, 11) if mode == "major" else (0, 2, 3, 5, 7, 8, 11)
     quarter = 60.0 / bpm
-    beat, beats_per_bar, division = (1.5 * quarter, 2, 3) if numerator == 6 else (quarter, numerator, 2)
+    compound = numerator in (6, 9, 12)
+    beat, beats_per_bar, division = (1.5 * quarter, numerator // 3, 3) if compound else (quarter, numerator, 2)
     out = np.zeros(int(seconds * ANALYSIS_RATE))
     bar_start, bar = 0.0, 0
     while bar_start < seconds:
@@ -222,11 +224,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=CORPUS / "music")
     parser.add_argument("--synthetic", type=int, default=20, help="generated clips (0: none)")
+    parser.add_argument("--metres", default="3,4,6",
+                        help="the synthetic clips' numerators, in turn (any of 2,3,4,6,9,12)")
     parser.add_argument("--baselines", action="store_true")
     args = parser.parse_args()
+    metres = tuple(int(numerator) for numerator in args.metres.split(","))
+    if not set(metres) <= {2, 3, 4, 6, 9, 12}:
+        parser.error(f"--metres takes numerators among 2,3,4,6,9,12, not {args.metres}")
     report(str(args.folder), labelled_folder(args.folder), args.baselines)
     if args.synthetic:
-        report("synthetic clips", [synthetic_song(index) for index in range(args.synthetic)], args.baselines)
+        report("synthetic clips", [synthetic_song(index, metres=metres) for index in range(args.synthetic)], args.baselines)
 
 
 if __name__ == "__main__":
