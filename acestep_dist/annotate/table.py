@@ -3,10 +3,10 @@
 Each row is a canonical manifest row (``key``, ``audio``, ``caption``, ``lyrics``, ``bpm``,
 ``keyscale``, ``timesignature``, ``language``), so ``acedist prep annotations.csv`` reads it with
 the same keys the source gave, and also a folder's ``metadata.csv`` row (``audio`` names the file).
-Beside each of the four values: where it came from (``bpm_source``: ``given`` or ``estimated``),
-the estimate and its confidence (kept even where the user's value stays, for review and for
-``acedist inspect``'s comparison), and with ``--all`` the user's replaced value (``bpm_given``): a
-replaced value is never lost. Quality flags and near-duplicate groups close the row.
+Beside each of the four values: where it came from (``bpm_source``: ``given`` or ``estimated``);
+the estimate, its confidence and a note saying why there is none or that it is a default (kept
+even where the user's value stays, for review and for ``acedist inspect``'s comparison); and with
+``--all`` the user's replaced value (``bpm_given``): a replaced value is never lost. Quality flags and near-duplicate groups close the row.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FORMATS = (".csv", ".jsonl")
 
 
 def columns() -> list[str]:
-    per_field = [f"{name}_{part}" for name in FIELDS for part in ("source", "estimate", "confidence", "given")]
+    per_field = [f"{name}_{part}" for name in FIELDS for part in ("source", "estimate", "confidence", "note", "given")]
     return ["key", "audio", "caption", "lyrics", *FIELDS, *per_field, "seconds", "loudness_lufs", "flags",
             "duplicate_group", "error"]
 
@@ -48,6 +48,7 @@ def annotation_row(key: str, record: Record, analysis: dict[str, Any] | None, mo
         value = estimate.get("value")
         row[f"{name}_estimate"] = value
         row[f"{name}_confidence"] = estimate.get("confidence")
+        row[f"{name}_note"] = estimate.get("note") or None  # why there is no estimate, or a default's reason
         row[f"{name}_given"] = None
         if given is not None and (mode == "only-missing" or value is None):
             row[name], row[f"{name}_source"] = given, "given"
