@@ -31,7 +31,7 @@ def test_the_corpus_estimates_stay_where_they_were_measured(corpus):
 
     from acestep_dist.annotate.scores import ACCURACY_2, mirex_key_score, tempo_ratio
 
-    tempo = strict = key = metre = language = 0.0
+    tempo = strict = key = numerator = language = 0.0
     for row in _labelled(corpus):
         path = corpus / "music" / row["file"]
         window = decode_window(path, 0.0, 600.0, probe_audio(path).sample_rate)
@@ -40,10 +40,10 @@ def test_the_corpus_estimates_stay_where_they_were_measured(corpus):
         tempo += ratio in ACCURACY_2
         strict += ratio == "1"
         key += mirex_key_score(found["keyscale"].value, row["keyscale"])
-        metre += found["timesignature"].value == row["timesignature"]
+        numerator += found["timesignature"].value == row["timesignature"]
         lyrics = path.with_suffix(".lyrics")
         language += estimate_language(lyrics.read_text() if lyrics.is_file() else None).value == (row["language"] or "unknown")
-    figures = {"tempo": tempo, "strict": strict, "key": key / 12, "metre": metre, "language": language}
+    figures = {"tempo": tempo, "strict": strict, "key": key / 12, "metre": numerator, "language": language}
     assert figures["tempo"] >= 11 and figures["strict"] >= 9 and figures["key"] >= 0.8, figures
     assert figures["metre"] >= 10 and figures["language"] == 12, figures
 

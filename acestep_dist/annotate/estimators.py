@@ -30,8 +30,8 @@ a published value or a stated convention; none was fitted to any collection.
 
 Confidences are in [0, 1]: tempo, the comb's mean autocorrelation at the chosen period (1 would be
 perfectly periodic onsets); key, the correlation margin over the runner-up key; metre, 1 minus
-the chosen bar length's p-value (0 for the commonest-metre default); language, py3langid's normalised
-probability. They rank songs for review; they are not calibrated probabilities.
+the chosen bar length's p-value (0 for the commonest-metre default); language, py3langid's
+normalised probability. They rank songs for review; they are not calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -204,7 +204,9 @@ def _phase_test(x: np.ndarray, length: int) -> float:
 
 
 def _residual(x: np.ndarray, length: int) -> float:
-    return float(sum(((x[position::length] - x[position::length].mean()) ** 2).sum() for position in range(length)))
+    """Sum of squares left after each position in a bar of ``length`` beats takes its own mean."""
+    groups = [x[position::length] for position in range(length)]
+    return float(sum(((group - group.mean()) ** 2).sum() for group in groups))
 
 
 def _four_over_two(x: np.ndarray) -> float:

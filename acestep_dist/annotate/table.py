@@ -6,7 +6,8 @@ the same keys the source gave, and also a folder's ``metadata.csv`` row (``audio
 Beside each of the four values: where it came from (``bpm_source``: ``given`` or ``estimated``);
 the estimate, its confidence and a note saying why there is none or that it is a default (kept
 even where the user's value stays, for review and for ``acedist inspect``'s comparison); and with
-``--all`` the user's replaced value (``bpm_given``): a replaced value is never lost. Quality flags and near-duplicate groups close the row.
+``--all`` the user's replaced value (``bpm_given``): a replaced value is never lost. Quality flags
+and near-duplicate groups close the row.
 """
 
 from __future__ import annotations
