@@ -220,20 +220,25 @@ def report(title: str, songs: list[dict], baselines: bool) -> None:
               f"{found['timesignature']} of {song['timesignature']} | {found['language']} of {song['language']} |")
 
 
+def _numerators(text: str) -> tuple[int, ...]:
+    """``--metres``: comma-separated numerators the synthetic clips can be written in."""
+    numerators = tuple(int(part) for part in text.split(",") if part.strip().isdigit())
+    if not numerators or len(numerators) != len(text.split(",")) or not set(numerators) <= {2, 3, 4, 6, 9, 12}:
+        raise argparse.ArgumentTypeError(f"numerators among 2,3,4,6,9,12, comma-separated, not {text!r}")
+    return numerators
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=CORPUS / "music")
     parser.add_argument("--synthetic", type=int, default=20, help="generated clips (0: none)")
-    parser.add_argument("--metres", default="3,4,6",
-                        help="the synthetic clips' numerators, in turn (any of 2,3,4,6,9,12)")
+    parser.add_argument("--metres", type=_numerators, default=(3, 4, 6),
+                        help="the synthetic clips' numerators, in turn (any of 2,3,4,6,9,12; default 3,4,6)")
     parser.add_argument("--baselines", action="store_true")
     args = parser.parse_args()
-    metres = tuple(int(numerator) for numerator in args.metres.split(","))
-    if not set(metres) <= {2, 3, 4, 6, 9, 12}:
-        parser.error(f"--metres takes numerators among 2,3,4,6,9,12, not {args.metres}")
     report(str(args.folder), labelled_folder(args.folder), args.baselines)
     if args.synthetic:
-        report("synthetic clips", [synthetic_song(index, metres=metres) for index in range(args.synthetic)], args.baselines)
+        report("synthetic clips", [synthetic_song(index, metres=args.metres) for index in range(args.synthetic)], args.baselines)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,11 @@ def key_from_chroma(chroma: np.ndarray) -> Estimate:
 
 
 # ---------------------------------------------------------------------------------- metre
+def _by_position(x: np.ndarray, length: int) -> list[np.ndarray]:
+    """``x`` (one value per beat) split by the beat's position in a bar of ``length`` beats."""
+    return [x[position::length] for position in range(length)]
+
+
 def _phase_test(x: np.ndarray, length: int) -> float:
     """p-value of a one-way analysis of variance of ``x`` grouped by position in a bar of
     ``length`` beats (1: the positions do not differ)."""
@@ -199,14 +204,13 @@ def _phase_test(x: np.ndarray, length: int) -> float:
 
     with warnings.catch_warnings():  # constant input: no evidence, p is nan
         warnings.simplefilter("ignore")
-        p = float(f_oneway(*[x[position::length] for position in range(length)]).pvalue)
+        p = float(f_oneway(*_by_position(x, length)).pvalue)
     return 1.0 if np.isnan(p) else p
 
 
 def _residual(x: np.ndarray, length: int) -> float:
     """Sum of squares left after each position in a bar of ``length`` beats takes its own mean."""
-    groups = [x[position::length] for position in range(length)]
-    return float(sum(((group - group.mean()) ** 2).sum() for group in groups))
+    return float(sum(((group - group.mean()) ** 2).sum() for group in _by_position(x, length)))
 
 
 def _four_over_two(x: np.ndarray) -> float:
